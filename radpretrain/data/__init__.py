@@ -1,0 +1,1 @@
+"""Radiograph-native augmentation and small labeled cohorts."""

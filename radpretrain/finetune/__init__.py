@@ -1,0 +1,1 @@
+"""Transfer encoders into small-cohort segmentation and classification."""

@@ -1,0 +1,35 @@
+"""The one intensity convention for images entering an encoder, written in manifests and encoder files."""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Images entering an encoder: one channel, MONOCHROME2 (brighter = more attenuation), windowed to
+#: [0, 1] (DICOM window, else the robust intensity range), then normalised as (x - MEAN) / STD.
+CONVENTION = "mono2-window-unit-v1"
+MEAN = 0.5
+STD = 0.25
+
+
+def apply_window(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Linear window (DICOM PS3.3 C.11.2.1.2 without the half-pixel detail) to float32 in [0, 1]."""
+    width = max(float(width), 1.0)
+    low = float(center) - width / 2.0
+    out = (pixels.astype(np.float32) - np.float32(low)) / np.float32(width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def normalize(image01: np.ndarray) -> np.ndarray:
+    """Map a [0, 1] image to the encoder's input scale."""
+    return ((image01 - MEAN) / STD).astype(np.float32, copy=False)
+
+
+def check_convention(found: str, where: str) -> None:
+    """Refuse an encoder or data set whose intensity convention is not ours."""
+    from radpretrain.errors import ConfigError
+
+    if found != CONVENTION:
+        raise ConfigError(
+            f"{where} uses intensity convention '{found}' but this version expects '{CONVENTION}'; "
+            "re-export the encoder or re-shard the data with this version of radpretrain"
+        )

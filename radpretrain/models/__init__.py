@@ -1,0 +1,1 @@
+"""Encoders, 2D->3D inflation and U-Net decoders."""

@@ -1,0 +1,1 @@
+"""Pretraining encoders on shards with Accelerate."""

@@ -1,0 +1,1 @@
+"""Pretext tasks, one file each, registered by name."""

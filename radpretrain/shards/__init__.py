@@ -1,0 +1,1 @@
+"""DICOM archive -> de-identified webdataset shards, and back."""
