@@ -1,0 +1,482 @@
+"""Encoders are plain timm models with one input channel, plus the small CBR family registered into timm."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq, group_parameters
+from torch import nn
+
+from radpretrain import intensity
+from radpretrain.errors import ConfigError
+from radpretrain.registry import did_you_mean
+
+# Listed explicitly: timm's register_model appends the CBR entrypoints here (and would create a list of
+# only those if none existed).
+__all__ = [
+    "CARD_FILE",
+    "CBR_CONFIGS",
+    "ENCODERS",
+    "WEIGHTS_FILE",
+    "CBRNet",
+    "build_encoder",
+    "encoder_stages",
+    "load_encoder",
+    "read_card",
+    "save_encoder",
+    "unwrap_encoder",
+]
+
+#: Documented encoder names (any other timm architecture name also builds):
+#: - "resnet18", "resnet50": torchvision-style ResNets (He et al. 2016); 512 / 2048 features.
+#: - "vit_small_patch16_224": ViT-S/16 (Dosovitskiy et al. 2021); pass `img_size` for other input sizes.
+#: - "test_resnet", "test_vit": timm's tiny test models (seconds on a CPU at 32-64 px) for tests and demos.
+#: - "cbr_large_tall", "cbr_large_wide", "cbr_small", "cbr_tiny": the CBR family of Transfusion (Raghu et
+#:   al. 2019, https://arxiv.org/abs/1902.07208), stacks of conv-batchnorm-ReLU-maxpool blocks.
+ENCODERS: tuple[str, ...] = (
+    "resnet18",
+    "resnet50",
+    "vit_small_patch16_224",
+    "test_resnet",
+    "test_vit",
+    "cbr_large_tall",
+    "cbr_large_wide",
+    "cbr_small",
+    "cbr_tiny",
+)
+
+WEIGHTS_FILE = "encoder.safetensors"
+CARD_FILE = "encoder.json"
+CARD_VERSION = 1
+#: Keys that `save_encoder` writes itself; a card passed in may not set them.
+RESERVED_CARD_KEYS = (
+    "card_version",
+    "timm_name",
+    "in_chans",
+    "img_size",
+    "build_kwargs",
+    "num_features",
+    "intensity_convention",
+    "weights_file",
+    "weights_sha256",
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# The CBR family (Transfusion, Raghu et al. 2019, appendix): each block is conv(k x k, stride 1) -> batchnorm ->
+# ReLU -> maxpool(3x3, stride 2), followed by global average pooling. Convolutions use "same" padding and the
+# pools padding 1 so that every block halves the map exactly: the feature pyramid then lines up with a U-Net
+# decoder at reductions 2, 4, 8, 16 (, 32).
+# --------------------------------------------------------------------------------------------------------------
+
+#: name -> (kernel size, output channels of each block).
+CBR_CONFIGS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "cbr_large_tall": (7, (32, 64, 128, 256, 512)),
+    "cbr_large_wide": (7, (64, 128, 256, 512)),
+    "cbr_small": (7, (32, 64, 128, 256)),
+    "cbr_tiny": (5, (64, 128, 256, 512)),
+}
+
+
+class CBRBlock(nn.Sequential):
+    """conv -> batchnorm -> ReLU -> 3x3/2 maxpool; (B, C_in, H, W) -> (B, C_out, ceil(H/2), ceil(W/2))."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+
+class CBRNet(nn.Module):
+    """A CBR network with timm's model contract (forward_features/head/intermediates, feature_info).
+
+    - [0] Transfusion: Understanding Transfer Learning for Medical Imaging, Raghu et al. 2019,
+      https://arxiv.org/abs/1902.07208
+
+    Args:
+        channels: Output channels of each block, input side first.
+        kernel_size: Convolution kernel size of every block.
+        in_chans: Input channels (1 for radiographs).
+        num_classes: Classifier outputs; 0 gives pooled features of width `channels[-1]`.
+        global_pool: timm pooling type ("avg", "max", "avgmax", "" for none).
+        drop_rate: Dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (32, 64, 128, 256),
+        kernel_size: int = 7,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("channels must name at least one block, e.g. (32, 64, 128, 256)")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        blocks = []
+        prev = in_chans
+        for chs in channels:
+            blocks.append(CBRBlock(prev, chs, kernel_size))
+            prev = chs
+        self.stages = nn.Sequential(*blocks)
+        self.feature_info = [
+            {"num_chs": chs, "reduction": 2 ** (i + 1), "module": f"stages.{i}"} for i, chs in enumerate(channels)
+        ]
+        self.num_features = self.head_hidden_size = channels[-1]
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {"blocks": r"^stages\.(\d+)"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs, input side first (timm's contract): indices None = all, int = last n, list = these."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' for CBR models, got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[: max_index + 1] if stop_early or intermediates_only else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last wanted intermediate (timm's contract)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cbr_cfg() -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (1, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": (intensity.MEAN,),
+        "std": (intensity.STD,),
+        "first_conv": "stages.0.conv",
+        "classifier": "head.fc",
+        "license": "apache-2.0",
+    }
+
+
+# timm's register_model reads pretrained configs from the registering module's `default_cfgs`.
+default_cfgs = generate_default_cfgs({name: _cbr_cfg() for name in CBR_CONFIGS})
+
+
+def _create_cbr(variant: str, pretrained: bool = False, **kwargs: Any) -> CBRNet:
+    if pretrained:
+        raise ConfigError(f"{variant} has no published weights; build it with pretrained=False")
+    kernel_size, channels = CBR_CONFIGS[variant]
+    kwargs.pop("img_size", None)  # a CNN takes any input size; accepted so ViT-style configs also build
+    out_indices = kwargs.pop("out_indices", tuple(range(len(channels))))
+    return build_model_with_cfg(
+        CBRNet,
+        variant,
+        pretrained=False,
+        channels=channels,
+        kernel_size=kernel_size,
+        feature_cfg={"flatten_sequential": True, "out_indices": out_indices},
+        **kwargs,
+    )
+
+
+@register_model
+def cbr_large_tall(pretrained: bool = False, **kwargs: Any) -> CBRNet:
+    """CBR-LargeT: five 7x7 blocks of 32-64-128-256-512 channels."""
+    return _create_cbr("cbr_large_tall", pretrained, **kwargs)
+
+
+@register_model
+def cbr_large_wide(pretrained: bool = False, **kwargs: Any) -> CBRNet:
+    """CBR-LargeW: four 7x7 blocks of 64-128-256-512 channels."""
+    return _create_cbr("cbr_large_wide", pretrained, **kwargs)
+
+
+@register_model
+def cbr_small(pretrained: bool = False, **kwargs: Any) -> CBRNet:
+    """CBR-Small: four 7x7 blocks of 32-64-128-256 channels."""
+    return _create_cbr("cbr_small", pretrained, **kwargs)
+
+
+@register_model
+def cbr_tiny(pretrained: bool = False, **kwargs: Any) -> CBRNet:
+    """CBR-Tiny: four 5x5 blocks of 64-128-256-512 channels."""
+    return _create_cbr("cbr_tiny", pretrained, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building, stages, export and import.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_encoder(name: str, *, in_chans: int = 1, img_size: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build a randomly initialised timm encoder without classifier: forward(x) -> (B, num_features).
+
+    Args:
+        name: A timm architecture name, e.g. one of `ENCODERS`.
+        in_chans: Input channels (radiographs have one).
+        img_size: Input size for models with a fixed size (ViTs: sets the position embedding); CNNs take
+            any size and only record it.
+        **kwargs: Further timm constructor arguments (e.g. drop_path_rate=0.1); must be JSON values so the
+            exported encoder can be rebuilt.
+
+    Returns:
+        The timm model, with `.num_features`, `.feature_info` and `forward_intermediates`, and a
+        `radpretrain_build` dict that `save_encoder` writes into the encoder card.
+    """
+    if not timm.is_model(name):
+        known = sorted(set(ENCODERS) | set(timm.list_models()))
+        raise ConfigError(
+            f"Unknown encoder '{name}'.{did_you_mean(name, known)} Documented: {', '.join(ENCODERS)} "
+            "(any timm architecture name also works)"
+        )
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8):
+        raise ConfigError(f"img_size must be an integer of at least 8 pixels (or null), got {img_size!r}")
+    for banned in ("pretrained", "num_classes", "features_only", "pretrained_cfg_overlay"):
+        if banned in kwargs:
+            raise ConfigError(
+                f"encoder option '{banned}' is fixed by radpretrain (pretrained=False, num_classes=0, "
+                "no downloads); remove it from the config"
+            )
+    try:
+        json.dumps(kwargs)
+    except TypeError:
+        raise ConfigError(f"encoder options must be plain values (numbers, strings, lists), got {kwargs!r}") from None
+    cfg = timm.models.get_pretrained_cfg(name)
+    extra = dict(kwargs)
+    if img_size is not None and cfg is not None and cfg.fixed_input_size:
+        extra["img_size"] = img_size
+    try:
+        model = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0, **extra)
+    except TypeError as exc:
+        raise ConfigError(f"encoder '{name}' does not accept the options {sorted(kwargs)}: {exc}") from None
+    # A plain dict attribute (not a submodule or buffer): how save_encoder describes the model for a rebuild.
+    build = {"name": name, "in_chans": in_chans, "img_size": img_size, "kwargs": kwargs}
+    model.radpretrain_build = build  # type: ignore[assignment]
+    return model
+
+
+def unwrap_encoder(encoder: nn.Module) -> nn.Module:
+    """The timm model inside DistributedDataParallel or torch.compile wrappers."""
+    while True:
+        if hasattr(encoder, "_orig_mod") and isinstance(encoder._orig_mod, nn.Module):
+            encoder = encoder._orig_mod
+        elif isinstance(encoder, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            encoder = encoder.module
+        else:
+            return encoder
+
+
+def encoder_stages(encoder: nn.Module) -> list[list[str]]:
+    """Name prefixes of each stage's parameters and buffers, input side first.
+
+    Stages are timm's coarse parameter groups (stem, then one per stage or transformer block; the final
+    norm joins the last block). A parameter or buffer named `n` belongs to the stage holding a prefix `p`
+    with `n == p` or `n.startswith(p + ".")`. Used by transfusion:k, partial and frozen transfer.
+    """
+    encoder = unwrap_encoder(encoder)
+    matcher: Callable[..., Any] | None = getattr(encoder, "group_matcher", None)
+    if matcher is None:
+        raise ConfigError(f"{type(encoder).__name__} has no timm group_matcher; use a timm encoder")
+    groups = group_parameters(encoder, matcher(coarse=True))
+    ordered = [groups[key] for key in sorted(groups)]
+    owner = {name: index for index, names in enumerate(ordered) for name in names}
+    stages: list[list[str]] = []
+    for index, names in enumerate(ordered):
+        prefixes: list[str] = []
+        for name in names:
+            parts = name.split(".")
+            # The shortest module path that holds only this stage's parameters.
+            for depth in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:depth])
+                inside = [n for n in owner if n == prefix or n.startswith(prefix + ".")]
+                if all(owner[n] == index for n in inside):
+                    break
+            if prefix not in prefixes:
+                prefixes.append(prefix)
+        stages.append(prefixes)
+    return stages
+
+
+def save_encoder(encoder: nn.Module, out_dir: str | Path, card: dict) -> None:
+    """Write `encoder.safetensors` (timm's state-dict keys) and `encoder.json` (card + how to rebuild it).
+
+    The card holds what the caller knows (pretext tasks, data summary, steps, input_size ...); this adds
+    the timm name, in_chans, img_size, build options, num_features, the intensity convention and the
+    weights' SHA-256. Both files are written to temporary names and renamed, weights first, so an
+    `encoder.json` only ever describes complete weights.
+    """
+    encoder = unwrap_encoder(encoder)
+    build = getattr(encoder, "radpretrain_build", None)
+    if not isinstance(build, dict):
+        raise ConfigError("this encoder was not made by radpretrain.models.encoders.build_encoder; build it there")
+    clash = sorted(set(card) & set(RESERVED_CARD_KEYS))
+    if clash:
+        raise ValueError(f"card keys {clash} are written by save_encoder itself; remove them from the card")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in encoder.state_dict().items()}
+    weights = out / WEIGHTS_FILE
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "timm_name": build["name"]})
+    os.replace(tmp, weights)
+    full = {
+        **card,
+        "card_version": CARD_VERSION,
+        "timm_name": build["name"],
+        "in_chans": build["in_chans"],
+        "img_size": build["img_size"],
+        "build_kwargs": build["kwargs"],
+        "num_features": int(getattr(encoder, "num_features", 0)),
+        "intensity_convention": intensity.CONVENTION,
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": _sha256(weights),
+    }
+    try:
+        text = json.dumps(full, indent=2, sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"encoder card values must be JSON (numbers, strings, lists, dicts): {exc}") from None
+    card_path = out / CARD_FILE
+    tmp = card_path.with_name(card_path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, card_path)
+
+
+def read_card(path: str | Path) -> dict:
+    """The contents of `encoder.json` in an encoder folder (or the json/safetensors file itself)."""
+    card_path = _folder(path) / CARD_FILE
+    if not card_path.is_file():
+        raise ConfigError(f"no {CARD_FILE} in {card_path.parent}; give the folder written by `radpretrain export`")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{card_path} is not valid JSON ({exc}); export the encoder again") from None
+    if not isinstance(card, dict):
+        raise ConfigError(f"{card_path} must hold a JSON object; export the encoder again")
+    missing = [key for key in ("card_version", "timm_name", "in_chans", "weights_sha256") if key not in card]
+    if missing:
+        raise ConfigError(f"{card_path} lacks {', '.join(missing)}; it was not written by radpretrain export")
+    if not isinstance(card["card_version"], int) or card["card_version"] > CARD_VERSION:
+        raise ConfigError(
+            f"{card_path} has card_version {card['card_version']!r}; this radpretrain reads up to "
+            f"{CARD_VERSION}, upgrade radpretrain"
+        )
+    return card
+
+
+def load_encoder(path: str | Path) -> nn.Module:
+    """Rebuild an exported encoder by name from `encoder.json` and load its safetensors weights strictly.
+
+    Nothing is unpickled. The weights' checksum and the intensity convention are checked; any mismatch
+    raises ConfigError. Returns the model in eval mode (call `.train()` to finetune).
+    """
+    folder = _folder(path)
+    card = read_card(folder)
+    intensity.check_convention(str(card.get("intensity_convention")), f"encoder {folder}")
+    weights = folder / str(card.get("weights_file", WEIGHTS_FILE))
+    if not weights.is_file():
+        raise ConfigError(f"{weights} is missing; copy the whole encoder folder or export it again")
+    if _sha256(weights) != card["weights_sha256"]:
+        raise ConfigError(f"{weights} does not match the checksum in {CARD_FILE} (corrupt or replaced); export again")
+    kwargs = card.get("build_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"build_kwargs in {folder / CARD_FILE} must be an object; export the encoder again")
+    model = build_encoder(
+        str(card["timm_name"]), in_chans=int(card["in_chans"]), img_size=card.get("img_size"), **kwargs
+    )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"{weights} is not a readable safetensors file ({exc}); export the encoder again") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "keys or shapes differ"
+        raise ConfigError(
+            f"{weights} does not fit a '{card['timm_name']}' encoder ({first}); export the encoder again"
+        ) from None
+    return model.eval()
+
+
+def _folder(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent if path.suffix in (".json", ".safetensors") else path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
