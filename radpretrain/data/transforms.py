@@ -1,0 +1,360 @@
+"""Radiograph-native augmentation of stored 16-bit images into the views and labels that pretext tasks ask for."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from radpretrain import intensity
+from radpretrain.errors import ConfigError
+from radpretrain.registry import did_you_mean
+
+#: Views a sample can be turned into (see pretrain.tasks.base): two strong views and one light one.
+STRONG_VIEWS = ("view0", "view1")
+LIGHT_VIEWS = ("plain",)
+VIEW_NAMES = STRONG_VIEWS + LIGHT_VIEWS
+#: Label tensors every sample carries: long, -1 where missing (ignore_index of the metadata task).
+LABEL_NAMES = ("body_part", "age_bucket", "sex", "view")
+MISSING = -1
+
+
+@dataclass
+class AugmentConfig:
+    """One augmentation policy on a stored 16-bit radiograph (crop -> window -> pixel ops -> normalise).
+
+    There are no colour operations and horizontal flips are off by default: laterality carries meaning
+    in radiographs (a heart on the right is a finding, not an augmentation). Intensity values are in
+    the [0, 1] windowed scale unless said otherwise.
+    """
+
+    #: "random_crop": random resized crop (area fraction `crop_scale`, aspect `crop_ratio`) of the stored
+    #: image; "letterbox": the whole image, longest side resized, zero-padded to a square (deterministic).
+    resize: Literal["random_crop", "letterbox"] = "random_crop"
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    #: Window centre moves by up to this fraction of the stored window width, either way.
+    window_center_jitter: float = 0.15
+    #: Window width is multiplied by a log-uniform factor in [1 / (1 + j), 1 + j].
+    window_width_jitter: float = 0.3
+    #: Gamma exponent range (x ** gamma on the windowed image) and its probability.
+    gamma: tuple[float, float] = (0.7, 1.4)
+    gamma_p: float = 0.5
+    #: Gaussian noise standard deviation range and probability.
+    noise_std: tuple[float, float] = (0.0, 0.03)
+    noise_p: float = 0.3
+    #: Gaussian blur sigma range (pixels of the output image) and probability.
+    blur_sigma: tuple[float, float] = (0.1, 1.2)
+    blur_p: float = 0.3
+    #: Small affine: rotation in degrees (either way), translation as a fraction of the size, scale range.
+    rotate_degrees: float = 10.0
+    translate: float = 0.05
+    scale: tuple[float, float] = (0.9, 1.1)
+    affine_p: float = 0.5
+    #: Contrast-limited adaptive histogram equalisation (quantises to 8 bits), off by default.
+    clahe_p: float = 0.0
+    clahe_clip: float = 2.0
+    #: Horizontal flip probability; keep 0 unless laterality does not matter for your downstream tasks.
+    hflip_p: float = 0.0
+
+    @classmethod
+    def strong(cls) -> AugmentConfig:
+        """The contrastive views' policy (the defaults)."""
+        return cls()
+
+    @classmethod
+    def light(cls) -> AugmentConfig:
+        """A mild crop at the stored window; nothing else."""
+        return cls(
+            crop_scale=(0.7, 1.0),
+            window_center_jitter=0.0,
+            window_width_jitter=0.0,
+            gamma_p=0.0,
+            noise_p=0.0,
+            blur_p=0.0,
+            affine_p=0.0,
+        )
+
+    @classmethod
+    def evaluation(cls) -> AugmentConfig:
+        """No randomness: the whole image letterboxed at the stored window (probes, feature extraction)."""
+        return dataclasses.replace(cls.light(), resize="letterbox")
+
+    def validate(self) -> None:
+        def pair(name: str, low: float, high: float | None = None) -> None:
+            a, b = getattr(self, name)
+            if not (low <= a <= b and (high is None or b <= high)):
+                upper = f" and at most {high}" if high is not None else ""
+                raise ConfigError(f"augment {name} must be [min, max] with {low} <= min <= max{upper}, got {[a, b]}")
+
+        pair("crop_scale", 0.01, 1.0)
+        pair("crop_ratio", 0.1)
+        pair("gamma", 0.05)
+        pair("noise_std", 0.0, 1.0)
+        pair("blur_sigma", 0.0)
+        pair("scale", 0.1)
+        for name in ("gamma_p", "noise_p", "blur_p", "affine_p", "clahe_p", "hflip_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"augment {name} is a probability and must be within [0, 1], got {value}")
+        for name in ("window_center_jitter", "window_width_jitter", "rotate_degrees", "translate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"augment {name} must be >= 0, got {getattr(self, name)}")
+        if self.clahe_clip <= 0:
+            raise ConfigError(f"augment clahe_clip must be > 0, got {self.clahe_clip}")
+
+
+@dataclass
+class ViewsConfig:
+    """The policies of the strong views ("view0", "view1") and of the light one ("plain")."""
+
+    strong: AugmentConfig = field(default_factory=AugmentConfig.strong)
+    plain: AugmentConfig = field(default_factory=AugmentConfig.light)
+
+    def validate(self) -> None:
+        self.strong.validate()
+        self.plain.validate()
+
+
+def stored_window(pixels: np.ndarray, meta: Mapping[str, Any]) -> tuple[float, float]:
+    """(centre, width) in stored units: the shard's window, else its robust range, else the image's."""
+    center, width = meta.get("window_center"), meta.get("window_width")
+    if center is not None and width is not None and float(width) > 0:
+        return float(center), float(width)
+    low, high = meta.get("intensity_low"), meta.get("intensity_high")
+    if low is None or high is None or float(high) <= float(low):
+        low, high = np.percentile(pixels, (0.5, 99.5))
+    return (float(low) + float(high)) / 2.0, max(float(high) - float(low), 1.0)
+
+
+def jitter_window(center: float, width: float, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[float, float]:
+    """A random window around (centre, width): centre +- jitter * width, width times a log-uniform factor."""
+    if cfg.window_center_jitter > 0:
+        center = center + width * rng.uniform(-cfg.window_center_jitter, cfg.window_center_jitter)
+    if cfg.window_width_jitter > 0:
+        bound = math.log1p(cfg.window_width_jitter)
+        width = width * math.exp(rng.uniform(-bound, bound))
+    return center, width
+
+
+class RadiographAugment:
+    """One policy as a callable: (uint16 HxW pixels, stored window) -> float32 (1, S, S) encoder input.
+
+    The crop runs on the 16-bit image before any float work (the stored image is ~5x the output area),
+    then the jittered window maps to [0, 1], then albumentations' pixel operations, then
+    `intensity.normalize`. All randomness comes from the `rng`/`py_random` pair given to `set_random_state`,
+    so a seeded pair gives the same views.
+    """
+
+    def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
+        cfg.validate()
+        if image_size < 8:
+            raise ConfigError(f"image_size must be at least 8 pixels, got {image_size}")
+        self.cfg = cfg
+        self.image_size = image_size
+        size = (image_size, image_size)
+        geometry: list[A.BasicTransform]
+        if cfg.resize == "letterbox":
+            geometry = [
+                A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_AREA, p=1.0),
+                A.PadIfNeeded(image_size, image_size, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+            ]
+        else:
+            # INTER_AREA when shrinking: linear interpolation would alias fine trabecular texture.
+            geometry = [
+                A.RandomResizedCrop(
+                    size=size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, area_for_downscale="image", p=1.0
+                )
+            ]
+        self.geometry = A.Compose(geometry)
+        pixel_ops: list[A.BasicTransform] = []
+        if cfg.affine_p > 0:
+            pixel_ops.append(
+                A.Affine(
+                    rotate=(-cfg.rotate_degrees, cfg.rotate_degrees),
+                    translate_percent=(-cfg.translate, cfg.translate),
+                    scale=cfg.scale,
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=0,
+                    p=cfg.affine_p,
+                )
+            )
+        if cfg.gamma_p > 0:
+            pixel_ops.append(A.RandomGamma(gamma_limit=(cfg.gamma[0] * 100, cfg.gamma[1] * 100), p=cfg.gamma_p))
+        if cfg.blur_p > 0:
+            pixel_ops.append(A.GaussianBlur(blur_limit=0, sigma_limit=cfg.blur_sigma, p=cfg.blur_p))
+        if cfg.noise_p > 0:
+            pixel_ops.append(A.GaussNoise(std_range=cfg.noise_std, p=cfg.noise_p))
+        if cfg.clahe_p > 0:
+            pixel_ops.append(A.CLAHE(clip_limit=(1.0, cfg.clahe_clip), p=cfg.clahe_p))
+        if cfg.hflip_p > 0:
+            pixel_ops.append(A.HorizontalFlip(p=cfg.hflip_p))
+        self.pixel_ops = A.Compose(pixel_ops) if pixel_ops else None
+        self.set_random_state(np.random.default_rng(0), random.Random(0))
+
+    def set_random_state(self, rng: np.random.Generator, py_random: random.Random) -> None:
+        # One shared stream: albumentations' own seeding gives every transform an identical copy,
+        # which would make their random draws move together.
+        self.rng = rng
+        self.geometry.set_random_state(rng, py_random)
+        if self.pixel_ops is not None:
+            self.pixel_ops.set_random_state(rng, py_random)
+
+    def __call__(self, pixels: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+        if pixels.ndim != 2:
+            raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
+        crop = self.geometry(image=pixels)["image"]
+        center, width = jitter_window(window[0], window[1], self.cfg, self.rng)
+        image = intensity.apply_window(crop, center, width)
+        if self.pixel_ops is not None:
+            image = self.pixel_ops(image=image)["image"]
+            np.clip(image, 0.0, 1.0, out=image)  # noise may overshoot; the convention is [0, 1]
+        return intensity.normalize(image)[None]
+
+
+class ViewMaker:
+    """Makes the named views of a stored radiograph with the strong and light policies.
+
+    Args:
+        view_names: Any of "view0", "view1" (strong policy) and "plain" (light policy).
+        cfg: The two policies.
+        image_size: Side of the square output views.
+        seed: Seed of the random stream (reseed per worker with `reseed`).
+    """
+
+    def __init__(self, view_names: Sequence[str], cfg: ViewsConfig, image_size: int, seed: int = 0) -> None:
+        for name in view_names:
+            if name not in VIEW_NAMES:
+                raise ConfigError(
+                    f"Unknown view '{name}'.{did_you_mean(name, VIEW_NAMES)} Known: {', '.join(VIEW_NAMES)}"
+                )
+        if not view_names:
+            raise ConfigError("no views requested; a task must ask for at least one of " + ", ".join(VIEW_NAMES))
+        cfg.validate()
+        self.view_names = tuple(dict.fromkeys(view_names))
+        self.strong = RadiographAugment(cfg.strong, image_size)
+        self.light = RadiographAugment(cfg.plain, image_size)
+        self.reseed(seed)
+
+    def reseed(self, seed: int | Sequence[int]) -> None:
+        self.set_random_state(np.random.default_rng(seed))
+
+    def set_random_state(self, rng: np.random.Generator) -> None:
+        """Draw every view from `rng` (and a Python stream seeded from it, which albumentations also uses)."""
+        py_random = random.Random(int(rng.integers(2**63)))
+        self.strong.set_random_state(rng, py_random)
+        self.light.set_random_state(rng, py_random)
+
+    def __call__(self, pixels: np.ndarray, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        window = stored_window(pixels, meta)
+        return {name: (self.strong if name in STRONG_VIEWS else self.light)(pixels, window) for name in self.view_names}
+
+
+def make_views(
+    sample: Mapping[str, Any],
+    view_names: Sequence[str],
+    cfg: ViewsConfig,
+    *,
+    image_size: int = 224,
+    rng: int | np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """One-off views of a decoded sample ({"pixels": uint16 HxW, "meta": dict}) -> {name: float32 (1, S, S)}.
+
+    Builds the policies on every call; pipelines use `build_sample_fn`, which builds them once.
+    """
+    maker = ViewMaker(view_names, cfg, image_size)
+    maker.set_random_state(rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng))
+    return maker(sample["pixels"], sample["meta"])
+
+
+def encode_labels(meta: Mapping[str, Any], vocab: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Class indices into the manifest's vocab for LABEL_NAMES; -1 when missing, "unknown" or not in the vocab."""
+    labels = {}
+    for name in LABEL_NAMES:
+        value = meta.get(name)
+        classes = list(vocab.get(name, ()))
+        labels[name] = classes.index(value) if value not in (None, "unknown") and value in classes else MISSING
+    return labels
+
+
+class SampleFn:
+    """The reader pipeline's `map_fn`: decoded sample -> {view: float tensor (1, S, S), label: long tensor}.
+
+    The random stream is re-derived inside each DataLoader worker and process rank from `seed`, the
+    worker's seed (which the DataLoader draws afresh every epoch from torch's seeded generator) and the
+    rank, so workers never repeat each other's augmentations and a seeded run repeats itself.
+    """
+
+    def __init__(
+        self,
+        view_names: Sequence[str],
+        cfg: ViewsConfig,
+        vocab: Mapping[str, Sequence[str]],
+        image_size: int,
+        seed: int = 0,
+    ) -> None:
+        self.maker = ViewMaker(view_names, cfg, image_size, seed)
+        self.vocab = {name: list(vocab.get(name, ())) for name in LABEL_NAMES}
+        self.seed = seed
+        self._stream: tuple[int, int | None] | None = None
+
+    def _ensure_stream(self) -> None:
+        import torch
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        stream = (os.getpid(), None if info is None else int(info.seed))
+        if stream != self._stream:
+            rank = (
+                torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
+            )
+            worker_seed = 0 if info is None else int(info.seed) % 2**63
+            self.maker.reseed([self.seed, rank, worker_seed])
+            self._stream = stream
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        self._ensure_stream()
+        views = self.maker(sample["pixels"], sample["meta"])
+        out: dict[str, Any] = {name: torch.from_numpy(view) for name, view in views.items()}
+        for name, index in encode_labels(sample["meta"], self.vocab).items():
+            out[name] = torch.tensor(index, dtype=torch.long)
+        return out
+
+
+def views_config(cfg: ViewsConfig | Mapping[str, Any] | None) -> ViewsConfig:
+    """A ViewsConfig from itself, None (defaults) or a plain mapping like {"strong": {"crop_scale": [0.5, 1]}}."""
+    if cfg is None:
+        return ViewsConfig()
+    if isinstance(cfg, ViewsConfig):
+        cfg.validate()
+        return cfg
+    from radpretrain.config import build
+
+    return build(ViewsConfig, cfg, prefix="augment.")
+
+
+def build_sample_fn(
+    view_names: Sequence[str],
+    cfg: ViewsConfig | Mapping[str, Any] | None,
+    vocab: Mapping[str, Sequence[str]],
+    image_size: int,
+    seed: int = 0,
+) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The `map_fn` for `shards.reader.build_pipeline`: views (float32 tensors (1, S, S)) + long labels.
+
+    Output keys: each of `view_names`, plus "body_part", "age_bucket", "sex", "view" (indices into the
+    manifest's `vocab`, -1 where missing). Batch it with a DataLoader (`batch_size=B`) to get (B, 1, S, S)
+    and (B,) tensors. `cfg` may be a plain mapping (a config's `augment:` section), checked by type; for
+    deterministic probe features use `ViewsConfig(plain=AugmentConfig.evaluation())` with ("plain",).
+    """
+    return SampleFn(view_names, views_config(cfg), vocab, image_size, seed)
