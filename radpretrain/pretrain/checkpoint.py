@@ -1,0 +1,235 @@
+"""Save and resume a run's whole state atomically, and export its encoder (safetensors + json card + README)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from radpretrain import __version__
+from radpretrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+LOG_FILE = "log.jsonl"
+MODEL_FILE = "model.safetensors"  # what accelerate's save_state writes for the first prepared model
+ENCODER_PREFIX = "encoder."
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint adds to accelerate's state: the step counter and the data position of each process.
+
+    `positions[rank]` is {"epoch": e, "batches": b}: process `rank` had consumed `b` micro-batches of its
+    data epoch `e`; with the epoch's order fixed by (seed, epoch, rank) that pins every later batch.
+    """
+
+    step: int = 0
+    images: int = 0
+    world_size: int = 1
+    positions: list[dict[str, int]] | None = None
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    run_dir = Path(run_dir)
+    # A crash between the two renames of `save_checkpoint` leaves only the previous one, under .old.
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = run_dir / name
+        if (path / STATE_FILE).is_file():
+            return path
+    return None
+
+
+def read_state(checkpoint: str | Path) -> TrainState:
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+        return TrainState(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}); the checkpoint is damaged, start a new run") from None
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainState) -> Path:
+    """Write model, optimiser, scaler and RNG states (accelerate) plus `state` as RUN/checkpoint, atomically.
+
+    Every process must call this (each saves its own RNG state). The new checkpoint is written beside the
+    old one and swapped in by renames, so a kill at any moment leaves one complete checkpoint.
+    """
+    run_dir = Path(run_dir)
+    partial = run_dir / (CHECKPOINT + ".partial")
+    final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> TrainState:
+    """Restore what `save_checkpoint` wrote into the prepared objects; returns the step counter and positions.
+
+    accelerate reads the optimiser and RNG files with torch.load(weights_only=True) and the model from
+    safetensors, so nothing in a checkpoint can run code.
+    """
+    state = read_state(checkpoint)
+    accelerator.load_state(str(checkpoint))
+    return state
+
+
+def read_encoder_weights(checkpoint: str | Path) -> dict[str, Any]:
+    """The encoder's tensors (timm keys) from a checkpoint's safetensors file."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; the checkpoint is incomplete, resume the run to write a new one")
+    tensors = load_file(str(path))
+    encoder = {key[len(ENCODER_PREFIX) :]: value for key, value in tensors.items() if key.startswith(ENCODER_PREFIX)}
+    if not encoder:
+        raise ConfigError(f"{path} holds no encoder weights; it was not written by radpretrain pretrain")
+    return encoder
+
+
+def export_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write RUN's encoder as OUT/encoder.safetensors + OUT/encoder.json + a model card OUT/README.md."""
+    from radpretrain.config import load_config
+    from radpretrain.models.encoders import build_encoder, save_encoder
+    from radpretrain.pretrain.config import PretrainConfig
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} holds no checkpoint; give the `out` folder of a `radpretrain pretrain` run")
+    if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
+        raise ConfigError("export OUT must be a folder outside the run folder (e.g. encoders/<name>)")
+    config = load_config(PretrainConfig, run_dir / CONFIG_FILE)
+    state = read_state(checkpoint)
+    summary = _read_json(run_dir / SUMMARY_FILE)
+    encoder = build_encoder(config.encoder.name, img_size=config.data.image_size, **config.encoder.options)
+    try:
+        encoder.load_state_dict(read_encoder_weights(checkpoint), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"the checkpoint does not fit encoder '{config.encoder.name}' ({exc})") from None
+    probes = summary.get("probe") or {}
+    card = {
+        "input_size": [1, config.data.image_size, config.data.image_size],
+        "pretext_tasks": dict(config.tasks),
+        "task_options": dict(config.task_options),
+        "steps": state.step,
+        "images_seen": state.images,
+        "seed": config.seed,
+        "data": summary.get("data", {}),
+        "probes": probes,
+        "radpretrain_version": __version__,
+    }
+    save_encoder(encoder, out_dir, card)
+    (out_dir / "README.md").write_text(model_card(card, config.encoder.name))
+    return out_dir
+
+
+def model_card(card: dict[str, Any], encoder_name: str) -> str:
+    """A README for an exported encoder: data, objectives, probe scores, use, limits and how to load it."""
+    data = card.get("data") or {}
+    splits = data.get("splits") or {}
+    split_text = ", ".join(f"{name} {info.get('samples', '?')}" for name, info in splits.items()) or "unknown"
+    tasks = ", ".join(f"{name} (weight {weight:g})" for name, weight in card["pretext_tasks"].items())
+    lines = [
+        f"# Radiograph encoder: {encoder_name}",
+        "",
+        f"A `{encoder_name}` image encoder (timm, one input channel, {card['input_size'][1]} px) pretrained with "
+        f"radpretrain {card['radpretrain_version']} by self-supervision on de-identified radiograph shards.",
+        "",
+        "## Training",
+        "",
+        f"- Objectives: {tasks}.",
+        f"- Steps: {card['steps']} ({card['images_seen']} images seen), seed {card['seed']}.",
+        f"- Data: {split_text} images (samples per split); stored longest side {data.get('size', '?')} px.",
+    ]
+    composition = data.get("composition") or {}
+    for field_name in ("body_part", "modality", "age_bucket", "sex", "view"):
+        counts = composition.get(field_name)
+        if isinstance(counts, dict) and counts:
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -_as_int(kv[1])))
+            lines.append(f"- {field_name.replace('_', ' ').capitalize()}: {shown}.")
+    lines += ["", "## Probe scores (frozen features, val split)", ""]
+    probes = card.get("probes") or {}
+    scores = {k: v for k, v in probes.items() if isinstance(v, (int, float)) and "/" in k}
+    if scores:
+        lines += [
+            f"Measured at step {probes.get('step', '?')} on {probes.get('val_samples', '?')} val images with "
+            f"{probes.get('train_samples', '?')} train images as the kNN bank / linear-probe fit set.",
+            "",
+            "| label | kNN accuracy | linear probe accuracy | chance (majority class) |",
+            "|---|---|---|---|",
+        ]
+        for label in sorted({k.split("/", 1)[1] for k in scores}):
+            cells = [probes.get(f"{kind}/{label}") for kind in ("knn", "linear", "majority")]
+            lines.append(f"| {label} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    else:
+        lines.append("No probe was run (the run stopped before its end-of-training probe).")
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "A starting point for finetuning segmentation and classification models on small labeled radiograph "
+        "cohorts (`radpretrain finetune`), and for comparing pretext tasks. Not a medical device; "
+        "not for diagnosis.",
+        "",
+        "## Limitations",
+        "",
+        "- Learned from one archive: scanners, protocols, populations and body-part mix of that archive "
+        "shape what it represents; check transfer on your own held-out data.",
+        "- Probe labels come from DICOM headers (body part, age), which are sometimes wrong or missing.",
+        f"- Inputs must follow the intensity convention `{card.get('intensity_convention', 'see encoder.json')}` "
+        "(one channel, windowed to [0, 1], then (x - 0.5) / 0.25); other preprocessing gives worse features.",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import radpretrain",
+        'encoder = radpretrain.load_encoder("path/to/this/folder")  # a timm module, forward(x) -> (B, features)',
+        "```",
+        "",
+        "or into plain timm (after `import radpretrain` for the CBR models):",
+        "",
+        "```python",
+        "import timm, safetensors.torch",
+        f'model = timm.create_model("{encoder_name}", in_chans=1, num_classes=0, pretrained=False)',
+        'model.load_state_dict(safetensors.torch.load_file("encoder.safetensors"))',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _as_int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

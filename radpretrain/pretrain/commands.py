@@ -1,0 +1,79 @@
+"""`radpretrain pretrain CONFIG [key=value ...]` and `radpretrain export RUN OUT`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from radpretrain.cli import add_config_arguments, split_config_arguments
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_HELP = """\
+Pretrain an encoder on shards with the pretext tasks of CONFIG (YAML; see configs/pretrain/), each
+`key=value` overriding one value (e.g. steps=2000 optim.lr=3e-4 tasks="{simclr: 1.0, metadata: 0.5}").
+Writes OUT (the config's `out`): config.yaml (resolved), log.jsonl and tensorboard/ (loss terms, lr,
+images/s), checkpoint/ (every `checkpoint_every` steps and on SIGTERM/Ctrl-C), summary.json (kNN and
+linear probes of body part and age bucket on the val split).
+
+One process per GPU on one or many nodes with Accelerate:
+  accelerate launch --multi_gpu --num_processes 8 -m radpretrain pretrain CONFIG
+(`accelerate launch --cpu --num_processes N` starts one process; on a CPU-only machine use --multi_gpu
+or `torchrun --nproc_per_node N -m radpretrain pretrain CONFIG`, which run N gloo processes.)
+data.batch_size is per process. A stopped run continues exactly with --resume.
+"""
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="pretrain an encoder on shards (self-supervised pretext tasks)",
+        description=PRETRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(pretrain)
+    pretrain.add_argument(
+        "--resume", action="store_true", help="continue the run in `out` from its last checkpoint (same as resume=true)"
+    )
+    pretrain.set_defaults(func=_run_pretrain)
+
+    export = sub.add_parser(
+        "export",
+        help="export a run's encoder (safetensors + json card + README)",
+        description=(
+            "Write the encoder of the pretraining run RUN (its `out` folder) to OUT as encoder.safetensors, "
+            "encoder.json (timm name, input size, intensity convention, tasks, steps, data counts, probe "
+            "scores) and a model card README.md. Load it with radpretrain.load_encoder(OUT)."
+        ),
+    )
+    export.add_argument("run", help="the `out` folder of a `radpretrain pretrain` run")
+    export.add_argument("out", help="folder to write the encoder to (outside RUN)")
+    export.set_defaults(func=_run_export)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from radpretrain.config import load_config
+    from radpretrain.pretrain.config import PretrainConfig
+    from radpretrain.pretrain.loop import pretrain
+
+    path, overrides = split_config_arguments(args)
+    if args.resume:
+        overrides.append("resume=true")
+    result = pretrain(load_config(PretrainConfig, path, overrides))
+    if result.main:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in result.probe.items() if k.startswith(("knn/", "linear/")))
+        print(f"step {result.step}: run in {result.run_dir}" + (f"; probes: {scores}" if scores else ""))
+    if result.stopped_by is not None:
+        if result.main:
+            print(f"stopped by {result.stopped_by.name}; checkpoint saved; rerun with --resume to continue")
+        # 128 + signal number, as a shell reports a process ended by that signal: the run is not finished.
+        return 128 + int(result.stopped_by)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from radpretrain.pretrain.checkpoint import export_encoder
+
+    out = export_encoder(args.run, args.out)
+    print(f"encoder written to {out} (encoder.safetensors, encoder.json, README.md)")
+    return 0
