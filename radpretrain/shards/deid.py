@@ -125,7 +125,7 @@ class Pseudonymizer:
     def __init__(self, key: bytes) -> None:
         if len(key) < 32:
             raise ValueError(f"key must be at least 32 bytes, got {len(key)}")
-        self._key = key
+        self.key = key  # kept for worker processes, which rebuild the pseudonymizer
 
     def __call__(self, kind: str, value: str) -> str:
         return self._digest(kind, value)[:PSEUDONYM_CHARS]
@@ -141,7 +141,7 @@ class Pseudonymizer:
 
     def _digest(self, kind: str, value: str) -> str:
         message = f"{kind}\x00{value}".encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
 
 
 def is_pseudonym(value: object) -> bool:

@@ -1,0 +1,321 @@
+"""Header-only pass over a source folder -> one row per file (pseudonyms, labels, a status and a reason)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radpretrain.config import build, to_dict
+from radpretrain.errors import ShardError
+from radpretrain.shards import deid, labels
+from radpretrain.shards.plain import IMAGE_SUFFIXES, PlainOptions, image_row, load_metadata_table
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.jsonl"
+INDEX_META = "index.json"
+PATHS_FILE = "paths.jsonl"
+PROJECTION_MODALITIES: tuple[str, ...] = ("CR", "DX", "MG", "RF", "XA", "DR")
+
+# Reasons are fixed identifiers (never header text): they name why a file is not a sample.
+# The phrases match those of `dicom.read_dicom` where both name the same thing.
+NOT_DICOM = "not a DICOM file"
+UNREADABLE_HEADER = "unreadable DICOM header"
+MISSING_UID = "missing SOPInstanceUID"
+NOT_AN_IMAGE = "not an image"
+MODALITY = "modality not selected"
+BURNED_IN = "burned-in annotation"
+_COLOUR_NAMES = frozenset(
+    {"RGB", "ARGB", "CMYK", "HSV", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
+    | {"YBR_PARTIAL_420", "YBR_PARTIAL_422"}
+)
+
+#: Header elements the index needs; reading only these makes the pass several times faster.
+HEADER_TAGS: tuple[str, ...] = (
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientAge",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "Modality",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "ViewPosition",
+    "ImageLaterality",
+    "Laterality",
+    "Manufacturer",
+    "BurnedInAnnotation",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "BitsStored",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SpecificCharacterSet",
+)
+
+
+@dataclass
+class IndexOptions:
+    """What the index selects and how it labels; part of the plan, so changing it means a new plan."""
+
+    modalities: list[str] = field(default_factory=lambda: list(PROJECTION_MODALITIES))
+    include_burned_in: bool = False
+    age_buckets: list[str] = field(default_factory=lambda: list(labels.DEFAULT_AGE_BUCKETS))
+    plain: PlainOptions = field(default_factory=PlainOptions)
+
+    def validate(self) -> None:
+        labels.AgeBuckets.parse(self.age_buckets)
+        self.modalities = [m.strip().upper() for m in self.modalities if m.strip()]
+
+
+@dataclass
+class Index:
+    """An index as read back: its meta block and its rows (in source order)."""
+
+    meta: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def options(self) -> IndexOptions:
+        return build(IndexOptions, self.meta["options"])
+
+
+def default_private_dir(out: str | Path) -> Path:
+    """`OUT.private/` beside OUT: holds the file-path lookup that must not travel with the shards."""
+    out = Path(out).expanduser().resolve()
+    return out.parent / f"{out.name}.private"
+
+
+def list_files(src: Path, skip: set[Path] | None = None) -> list[str]:
+    """Every regular file under `src` as a sorted POSIX relative path (sorted so plans are reproducible)."""
+    skip = skip or set()
+    found: list[str] = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            if path in skip or not path.is_file():
+                continue
+            found.append(path.relative_to(src).as_posix())
+    found.sort()
+    return found
+
+
+def check_source(src: str | Path, out: str | Path) -> Path:
+    src_path = Path(src).expanduser().resolve()
+    if not src_path.exists():
+        raise ShardError(f"source folder {src} does not exist; give the folder of your DICOM export")
+    if not src_path.is_dir():
+        raise ShardError(f"source {src} is not a folder; give the folder of your DICOM export")
+    if deid.is_inside(Path(out), src_path):
+        raise ShardError("the output folder is inside the source folder; choose an output folder elsewhere")
+    return src_path
+
+
+def build_index(
+    src: str | Path,
+    out: str | Path,
+    pseudonymize: deid.Pseudonymizer,
+    options: IndexOptions | None = None,
+    *,
+    private_dir: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> Index:
+    """Read every file's header under `src`; write OUT/index.jsonl + index.json and the private path table."""
+    options = options or IndexOptions()
+    src_path = check_source(src, out)
+    out_path = Path(out).expanduser().resolve()
+    private = Path(private_dir).expanduser().resolve() if private_dir else default_private_dir(out_path)
+    if deid.is_inside(private, out_path):
+        raise ShardError("the private folder must not be inside the output folder; choose --private-dir elsewhere")
+    table, csv_path = load_metadata_table(src_path, options.plain)
+    relpaths = list_files(src_path, skip={csv_path} if csv_path else None)
+    if not relpaths:
+        raise ShardError(f"source folder {src} holds no files; give the folder of your DICOM export")
+
+    rows: list[dict[str, Any]] = []
+    for row in _index_rows(src_path, relpaths, pseudonymize, options, table, workers, progress):
+        rows.append(row)
+    if not any(r["reason"] != NOT_DICOM for r in rows):
+        raise ShardError(
+            f"source folder {src} holds {len(rows)} files but none is a DICOM file or a PNG/JPEG image; check the path"
+        )
+
+    out_path.mkdir(parents=True, exist_ok=True)
+    private.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(private, 0o700)
+    _write_jsonl(private / PATHS_FILE, ({"file": r["file"], "path": p} for r, p in zip(rows, relpaths, strict=True)))
+    _write_json(private / "source.json", {"source": str(src_path)})
+    counts: Counter[str] = Counter(f"{r['status']}:{r['reason']}" if r["reason"] else r["status"] for r in rows)
+    meta = {
+        "schema_version": deid.SCHEMA_VERSION,
+        "files": len(rows),
+        "source": pseudonymize("source", str(src_path)),
+        "key": pseudonymize.fingerprint,
+        "options": to_dict(options),
+        "counts": dict(sorted(counts.items())),
+    }
+    _write_jsonl(out_path / INDEX_FILE, rows)
+    _write_json(out_path / INDEX_META, meta)  # written last: its presence marks a complete index
+    return Index(meta=meta, rows=rows)
+
+
+def read_index(out: str | Path) -> Index | None:
+    """The index in OUT, or None when there is none (or only a partial one)."""
+    out_path = Path(out)
+    meta_path, rows_path = out_path / INDEX_META, out_path / INDEX_FILE
+    if not meta_path.is_file() or not rows_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"the index in {out} is unreadable ({exc}); rerun with --reindex") from None
+    if len(rows) != meta.get("files"):
+        raise ShardError(f"the index in {out} is incomplete; rerun with --reindex")
+    return Index(meta=meta, rows=rows)
+
+
+def read_private_paths(private_dir: str | Path) -> tuple[Path, dict[str, str]]:
+    """The source folder and the file-pseudonym -> relative-path table kept outside OUT."""
+    private = Path(private_dir)
+    try:
+        source = Path(json.loads((private / "source.json").read_text())["source"])
+        lines = (private / PATHS_FILE).read_text().splitlines()
+    except (OSError, ValueError, KeyError):
+        raise ShardError(
+            f"the private path table in {private} is missing or unreadable; rerun with --reindex "
+            "(and the same --private-dir as when the index was made)"
+        ) from None
+    table = {}
+    for line in lines:
+        if line.strip():
+            entry = json.loads(line)
+            table[entry["file"]] = entry["path"]
+    return source, table
+
+
+def dicom_row(path: Path, relpath: str, pseudonymize: deid.Pseudonymizer, options: IndexOptions) -> dict[str, Any]:
+    """One DICOM file's header -> its index row; any failure becomes a status and a fixed reason."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    row: dict[str, Any] = {"file": pseudonymize("file", relpath), "kind": "dicom", "sop": None}
+    try:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        except InvalidDicomError:
+            # Old exports sometimes lack the 128-byte preamble; accept them only if they look like images.
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS), force=True)
+            if "SOPInstanceUID" not in ds or "Rows" not in ds:
+                return {**row, "status": "skipped", "reason": NOT_DICOM}
+        fields = deid.header_fields(ds, pseudonymize, labels.AgeBuckets.parse(options.age_buckets))
+        sop = str(ds.get("SOPInstanceUID") or "").strip()
+        rows_, cols = ds.get("Rows"), ds.get("Columns")
+        samples = ds.get("SamplesPerPixel") or 1
+        photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+        burned = str(ds.get("BurnedInAnnotation") or "").strip().upper()
+        frames = ds.get("NumberOfFrames")
+        modality = str(ds.get("Modality") or "").strip().upper()
+    except Exception:  # a hostile or truncated header: record it and go on (reason only, never the text)
+        return {**row, "status": "failed", "reason": UNREADABLE_HEADER}
+    row.update(fields)
+    row["frames"] = _int_or(frames, 1)
+    if not sop:
+        return {**row, "status": "failed", "reason": MISSING_UID}
+    row["sop"] = pseudonymize("sop", sop)
+    if not rows_ or not cols:
+        return {**row, "status": "skipped", "reason": NOT_AN_IMAGE}
+    if modality not in options.modalities:
+        return {**row, "status": "skipped", "reason": MODALITY}
+    if photometric and not photometric.startswith("MONOCHROME"):
+        shown = photometric if photometric in _COLOUR_NAMES else "other"
+        return {**row, "status": "skipped", "reason": f"colour image (photometric {shown})"}
+    if _int_or(samples, 1) > 1:
+        return {**row, "status": "skipped", "reason": "colour image (samples per pixel > 1)"}
+    if burned == "YES" and not options.include_burned_in:
+        return {**row, "status": "skipped", "reason": BURNED_IN}
+    return {**row, "status": "ok", "reason": None}
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+# Worker-process state, set once by the pool initializer (the key never travels with each task).
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(src: Path, key: bytes, options: dict[str, Any], table: dict[str, dict[str, str]]) -> None:
+    deid.quiet_header_echo()
+    _STATE.update(src=src, pseudonymize=deid.Pseudonymizer(key), options=build(IndexOptions, options), table=table)
+
+
+def _row_for(relpath: str) -> dict[str, Any]:
+    src, pseudonymize, options = _STATE["src"], _STATE["pseudonymize"], _STATE["options"]
+    path = src / relpath
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return image_row(path, relpath, pseudonymize, options.plain, _STATE["table"], options.age_buckets)
+    return dicom_row(path, relpath, pseudonymize, options)
+
+
+def _index_rows(
+    src: Path,
+    relpaths: list[str],
+    pseudonymize: deid.Pseudonymizer,
+    options: IndexOptions,
+    table: dict[str, dict[str, str]],
+    workers: int,
+    progress: bool,
+) -> Iterator[dict[str, Any]]:
+    from tqdm import tqdm
+
+    init_args = (src, pseudonymize.key, to_dict(options), table)
+    bar = tqdm(total=len(relpaths), unit="files", desc="index", disable=not progress, smoothing=0.1)
+    try:
+        if workers <= 1 or len(relpaths) < 64:
+            _init_worker(*init_args)
+            for relpath in relpaths:
+                yield _row_for(relpath)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+            for row in pool.imap(_row_for, relpaths, chunksize=32):
+                yield row
+                bar.update()
+    finally:
+        bar.close()
+
+
+def _write_jsonl(path: Path, rows: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)

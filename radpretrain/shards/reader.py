@@ -1,0 +1,241 @@
+"""Shard folder -> webdataset pipeline: split by node and worker, shuffle, decode, window; bad records counted."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radpretrain import intensity
+from radpretrain.errors import ShardError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of a shard folder; ShardError when it is missing, unreadable or from another convention."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        hint = (
+            "; the sharding run has not finished: run the same `radpretrain shard` command again"
+            if any(Path(root).glob("*.tar"))
+            else "; make shards with `radpretrain shard SRC OUT`"
+        )
+        raise ShardError(f"no {MANIFEST} in {root}{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ShardError(f"{path} is not valid JSON ({exc}); run `radpretrain shard` again to rewrite it") from None
+    if not isinstance(manifest, dict) or "splits" not in manifest:
+        raise ShardError(f"{path} is not a radpretrain shard manifest (no 'splits')")
+    if manifest.get("schema_version") != 1:
+        raise ShardError(
+            f"{path} has schema_version {manifest.get('schema_version')!r}; this version reads 1: re-shard the data"
+        )
+    intensity.check_convention(str(manifest.get("intensity_convention")), f"shards in {root}")
+    return dict(manifest)
+
+
+def shard_urls(root: str | Path, split: str = "train") -> list[str]:
+    """Absolute paths of a split's shards, in manifest order; ShardError when the split is empty or a tar is gone."""
+    manifest = read_manifest(root)
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ShardError(f"unknown split '{split}'; the shards hold {', '.join(splits)}")
+    names = splits[split]["shards"]
+    if not names:
+        raise ShardError(
+            f"split '{split}' of {root} has no samples; choose another split or re-shard with larger fractions"
+        )
+    urls = []
+    for name in names:
+        path = (Path(root) / name).resolve()
+        if not path.is_file():
+            raise ShardError(f"shard {name} listed in {root}/{MANIFEST} is missing; copy it back or re-shard")
+        urls.append(str(path))
+    return urls
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """A raw webdataset sample -> {"key", "pixels" (uint16 HxW), "meta"}; ValueError on a broken one."""
+    import cv2
+
+    if "png" not in sample or "json" not in sample:
+        raise ValueError("sample lacks a png or json member")
+    data = np.frombuffer(sample["png"], dtype=np.uint8)
+    pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.ndim != 2:
+        raise ValueError("png member is not a grayscale image")
+    return {
+        "key": sample["__key__"],
+        "pixels": pixels.astype(np.uint16, copy=False),
+        "meta": json.loads(sample["json"]),
+    }
+
+
+def window_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Decode (if needed) and add "image": float32 HxW in [0, 1] through the stored window."""
+    if "pixels" not in sample:
+        sample = decode_sample(sample)
+    meta = sample["meta"]
+    return {**sample, "image": intensity.apply_window(sample["pixels"], meta["window_center"], meta["window_width"])}
+
+
+class RecordErrors:
+    """The skip-and-count policy for bad records; `counts` says what was dropped and why."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, exc: Exception) -> bool:
+        self.counts[type(exc).__name__] += 1
+        if sum(self.counts.values()) <= 3:
+            log.warning("skipping a bad shard record (%s)", type(exc).__name__)
+        return True  # continue with the next record
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _worker_info() -> tuple[int, int, int, int]:
+    from webdataset.utils import pytorch_worker_info
+
+    rank, world, worker, workers = pytorch_worker_info()
+    return int(rank), int(world), int(worker), int(workers)
+
+
+class ReadState:
+    """What a reader has seen so far: well-formed records and the bad ones skipped (by exception type)."""
+
+    def __init__(self) -> None:
+        self.good = 0
+        self.errors = RecordErrors()
+
+    def count(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            if "png" in sample and "json" in sample:
+                self.good += 1
+            yield sample
+
+    def check(self) -> None:
+        """After a full round of shards: nothing readable at all is an error, not an empty epoch."""
+        if self.good == 0:
+            shown = ", ".join(f"{n} x {name}" for name, n in sorted(self.errors.counts.items())) or "no records"
+            raise ShardError(
+                f"no sample could be read from the shards ({shown}); they are truncated, empty or not "
+                "radpretrain shards: re-shard them or check the paths"
+            )
+
+
+class ShardSource:
+    """Shard urls for this node and DataLoader worker: an exact split, or endless repeats / resampling.
+
+    Without `resampled`, node r of W and worker w of K read urls[r::W][w::K] once, or round after round
+    when `repeat` is set (training with an explicit epoch length). If a node/worker gets no shard while
+    repeating (fewer shards than readers), it reads shard (global reader id mod #shards) instead of
+    hanging. With `resampled`, each reader draws shards at random, seeded by (seed, epoch, rank, worker).
+    After one full round without a single readable record it raises ShardError instead of looping.
+    """
+
+    def __init__(self, urls: Sequence[str], state: ReadState, *, seed: int, resampled: bool, repeat: bool) -> None:
+        if not urls:
+            raise ShardError("no shard urls given; use shard_urls(root, split) to list them")
+        self.urls = list(urls)
+        self.state = state
+        self.seed = seed
+        self.resampled = resampled
+        self.repeat = repeat
+        self.epoch = -1
+
+    def __call__(self) -> Iterator[dict[str, str]]:  # webdataset calls a first stage that is not a dataset
+        return iter(self)
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        self.epoch += 1
+        rank, world, worker, workers = _worker_info()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
+        if self.resampled:
+            for drawn in itertools.count():
+                if drawn == len(self.urls):
+                    self.state.check()
+                yield {"url": rng.choice(self.urls)}
+        mine = self.urls[rank::world][worker::workers]
+        if not mine and self.repeat:
+            mine = [self.urls[(rank * workers + worker) % len(self.urls)]]
+        if not mine:
+            return
+        while True:
+            order = list(mine)
+            rng.shuffle(order)
+            yield from ({"url": url} for url in order)
+            self.state.check()
+            if not self.repeat:
+                return
+
+
+class _Shuffle:
+    """A shuffle buffer seeded per (seed, epoch, rank, worker), so runs are reproducible yet readers differ."""
+
+    def __init__(self, bufsize: int, seed: int) -> None:
+        self.bufsize = bufsize
+        self.seed = seed
+        self.epoch = -1
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        from webdataset.filters import _shuffle
+
+        self.epoch += 1
+        rank, _, worker, _ = _worker_info()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}:shuffle")
+        yield from _shuffle(src, self.bufsize, min(self.bufsize, 100), rng)
+
+
+def build_pipeline(
+    urls: Sequence[str],
+    *,
+    shuffle: int = 1000,
+    seed: int = 0,
+    map_fn: Callable[[dict[str, Any]], Any] | None = None,
+    epoch_len: int | None = None,
+    resampled: bool = False,
+) -> Any:
+    """A webdataset pipeline over `urls` yielding map_fn(decoded sample) (default: `window_sample`).
+
+    Use as `DataLoader(pipeline, batch_size=None or B, num_workers=...)`; do not pass it to
+    `accelerator.prepare` (it splits itself by node and worker). `epoch_len` is the number of samples
+    each reader (node x worker) yields per epoch; with it, an exact (non-resampled) pipeline repeats its
+    shards so every reader can fill an epoch. Bad records are skipped and counted in
+    `pipeline.record_errors`.
+    """
+    import webdataset as wds
+
+    if shuffle < 0:
+        raise ValueError(f"shuffle must be >= 0, got {shuffle}")
+    if epoch_len is not None and epoch_len < 1:
+        raise ValueError(f"epoch_len must be >= 1, got {epoch_len}")
+    state = ReadState()
+    stages: list[Any] = [
+        ShardSource(urls, state, seed=seed, resampled=resampled, repeat=epoch_len is not None),
+        wds.tarfile_to_samples(handler=state.errors),
+        state.count,
+    ]
+    if shuffle > 1:
+        stages.append(_Shuffle(shuffle, seed))
+    stages.append(wds.map(decode_sample, handler=state.errors))
+    stages.append(wds.map(map_fn or window_sample))
+    pipeline = wds.DataPipeline(*stages)
+    pipeline.record_errors = state.errors
+    if epoch_len is not None:
+        pipeline = pipeline.with_epoch(epoch_len)
+    return pipeline
