@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from radpretrain.config import build, to_dict
 from radpretrain.errors import ShardError
@@ -30,6 +30,8 @@ NOT_DICOM = "not a DICOM file"
 UNREADABLE_HEADER = "unreadable DICOM header"
 MISSING_UID = "missing SOPInstanceUID"
 NOT_AN_IMAGE = "not an image"
+EMPTY = "empty file"
+UNREADABLE_FILE = "unreadable file"
 MODALITY = "modality not selected"
 BURNED_IN = "burned-in annotation"
 _COLOUR_NAMES = frozenset(
@@ -75,6 +77,9 @@ class IndexOptions:
 
     modalities: list[str] = field(default_factory=lambda: list(PROJECTION_MODALITIES))
     include_burned_in: bool = False
+    #: PNG/JPEG files: sharded when the source holds no DICOM file ("auto"), always ("yes") or never ("no");
+    #: otherwise they count as "not a DICOM file" (thumbnails and screenshots in a PACS export).
+    images: Literal["auto", "yes", "no"] = "auto"
     age_buckets: list[str] = field(default_factory=lambda: list(labels.DEFAULT_AGE_BUCKETS))
     plain: PlainOptions = field(default_factory=PlainOptions)
 
@@ -149,10 +154,11 @@ def build_index(
     if not relpaths:
         raise ShardError(f"source folder {src} holds no files; give the folder of your DICOM export")
 
-    rows: list[dict[str, Any]] = []
-    for row in _index_rows(src_path, relpaths, pseudonymize, options, table, workers, progress):
-        rows.append(row)
-    if not any(r["reason"] != NOT_DICOM for r in rows):
+    rows = list(_index_rows(src_path, relpaths, pseudonymize, options, table, workers, progress))
+    has_dicom = any(r["kind"] == "dicom" and r["reason"] not in (NOT_DICOM, EMPTY) for r in rows)
+    if options.images == "no" or (options.images == "auto" and has_dicom):
+        rows = [{**r, "status": "skipped", "reason": NOT_DICOM} if r["kind"] == "image" else r for r in rows]
+    if not any(r["reason"] not in (NOT_DICOM, EMPTY) for r in rows):
         raise ShardError(
             f"source folder {src} holds {len(rows)} files but none is a DICOM file or a PNG/JPEG image; check the path"
         )
@@ -218,11 +224,16 @@ def dicom_row(path: Path, relpath: str, pseudonymize: deid.Pseudonymizer, option
 
     row: dict[str, Any] = {"file": pseudonymize("file", relpath), "kind": "dicom", "sop": None}
     try:
+        if path.stat().st_size == 0:
+            return {**row, "status": "skipped", "reason": EMPTY}
         try:
             ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
         except InvalidDicomError:
             # Old exports sometimes lack the 128-byte preamble; accept them only if they look like images.
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS), force=True)
+            try:
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS), force=True)
+            except Exception:  # garbage read as a dataset fails in many ways; none of them is a DICOM file
+                return {**row, "status": "skipped", "reason": NOT_DICOM}
             if "SOPInstanceUID" not in ds or "Rows" not in ds:
                 return {**row, "status": "skipped", "reason": NOT_DICOM}
         fields = deid.header_fields(ds, pseudonymize, labels.AgeBuckets.parse(options.age_buckets))
@@ -233,15 +244,17 @@ def dicom_row(path: Path, relpath: str, pseudonymize: deid.Pseudonymizer, option
         burned = str(ds.get("BurnedInAnnotation") or "").strip().upper()
         frames = ds.get("NumberOfFrames")
         modality = str(ds.get("Modality") or "").strip().upper()
+    except OSError:
+        return {**row, "status": "failed", "reason": UNREADABLE_FILE}
     except Exception:  # a hostile or truncated header: record it and go on (reason only, never the text)
         return {**row, "status": "failed", "reason": UNREADABLE_HEADER}
     row.update(fields)
     row["frames"] = _int_or(frames, 1)
+    if not rows_ or not cols:  # DICOMDIR, reports, presentation states: valid files without an image
+        return {**row, "status": "skipped", "reason": NOT_AN_IMAGE}
     if not sop:
         return {**row, "status": "failed", "reason": MISSING_UID}
     row["sop"] = pseudonymize("sop", sop)
-    if not rows_ or not cols:
-        return {**row, "status": "skipped", "reason": NOT_AN_IMAGE}
     if modality not in options.modalities:
         return {**row, "status": "skipped", "reason": MODALITY}
     if photometric and not photometric.startswith("MONOCHROME"):

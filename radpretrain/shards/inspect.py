@@ -1,0 +1,153 @@
+"""What a shard folder holds: a composition report from its manifest and a contact sheet of random samples."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radpretrain.errors import ShardError
+from radpretrain.shards import reader
+
+REPORT_FIELDS = ("body_part", "age_bucket", "sex", "view", "laterality", "modality", "manufacturer")
+TILE = 192
+CAPTION = 34
+
+
+def composition_report(root: str | Path) -> str:
+    """A plain-text report: counts by split and label, errors by reason, shard sizes."""
+    manifest = reader.read_manifest(root)
+    counts = manifest["counts"]
+    lines = [
+        f"shards in {root}: schema {manifest['schema_version']}, size {manifest['size']}, "
+        f"intensity convention {manifest['intensity_convention']}",
+        f"files seen {counts['files_seen']}: written {counts['written']}, duplicate {counts['duplicate']}, "
+        f"skipped {sum(counts['skipped'].values())}, failed {sum(counts['failed'].values())}; "
+        f"samples {counts.get('samples', counts['written'])}",
+    ]
+    split_parts = []
+    for split, entry in manifest["splits"].items():
+        size = sum(manifest.get("shard_bytes", {}).get(name, 0) for name in entry["shards"])
+        split_parts.append(f"{split} {entry['samples']} ({len(entry['shards'])} shards, {_bytes(size)})")
+    lines.append("split: " + ", ".join(split_parts))
+    total = max(counts.get("samples", counts["written"]), 1)
+    for name in REPORT_FIELDS:
+        values = manifest.get("composition", {}).get(name, {})
+        shown = ", ".join(
+            f"{_label(v)} {n} ({100 * n / total:.0f}%)" for v, n in sorted(values.items(), key=lambda kv: -kv[1])
+        )
+        lines.append(f"{name}: {shown or '-'}")
+    for status in ("skipped", "failed"):
+        reasons = counts[status]
+        shown = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{status}: {shown or '-'}")
+    sizes = [
+        (entry_samples, manifest.get("shard_bytes", {}).get(name, 0))
+        for entry_samples, name in _shard_sample_counts(root, manifest)
+    ]
+    if sizes:
+        samples = [s for s, _ in sizes]
+        nbytes = [b for _, b in sizes]
+        lines.append(
+            f"shard sizes: {len(sizes)} shards, samples min {min(samples)} / median {statistics.median(samples):g} / "
+            f"max {max(samples)}, bytes min {_bytes(min(nbytes))} / median {_bytes(int(statistics.median(nbytes)))} / "
+            f"max {_bytes(max(nbytes))}, total {_bytes(sum(nbytes))}"
+        )
+    return "\n".join(lines)
+
+
+def _shard_sample_counts(root: str | Path, manifest: dict[str, Any]) -> list[tuple[int, str]]:
+    import json
+
+    found = []
+    for entry in manifest["splits"].values():
+        for name in entry["shards"]:
+            stats = Path(root) / name.replace(".tar", ".stats.json")
+            try:
+                found.append((int(json.loads(stats.read_text())["samples"]), name))
+            except (OSError, ValueError, KeyError):
+                found.append((0, name))
+    return found
+
+
+def _label(value: str) -> str:
+    return "missing" if value in ("None", "") else value
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def random_samples(root: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Up to n samples from random shards of every split, windowed for display."""
+    manifest = reader.read_manifest(root)
+    urls = [str(Path(root) / name) for entry in manifest["splits"].values() for name in entry["shards"]]
+    if not urls:
+        raise ShardError(f"{root} holds no samples to show")
+    rng = random.Random(seed)
+    rng.shuffle(urls)
+    chosen = urls[: max(1, min(len(urls), n))]
+    pipeline = reader.build_pipeline(chosen, shuffle=min(10 * n, 2000), seed=seed)
+    samples = []
+    for sample in pipeline:
+        samples.append(sample)
+        if len(samples) >= n:
+            break
+    return samples
+
+
+def contact_sheet(root: str | Path, path: str | Path, n: int = 48, seed: int = 0, columns: int = 8) -> Path:
+    """Write a PNG grid of `n` random samples (windowed as training sees them) captioned with their labels."""
+    import cv2
+
+    samples = random_samples(root, n, seed)
+    columns = max(1, min(columns, len(samples)))
+    rows = -(-len(samples) // columns)
+    sheet = np.full((rows * (TILE + CAPTION), columns * TILE), 32, dtype=np.uint8)
+    for i, sample in enumerate(samples):
+        r, c = divmod(i, columns)
+        tile = _tile(sample["image"])
+        top, left = r * (TILE + CAPTION), c * TILE
+        sheet[top : top + TILE, left : left + TILE] = tile
+        meta = sample["meta"]
+        first = f"{meta['body_part']} {meta.get('view') or ''}".strip()
+        second = f"{meta.get('age_bucket') or 'age ?'} {meta.get('sex') or ''} {meta['split']}".strip()
+        for line, text in enumerate((first, second)):
+            cv2.putText(
+                sheet,
+                text,
+                (left + 4, top + TILE + 13 + 15 * line),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.42,
+                230,
+                1,
+                cv2.LINE_AA,
+            )
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), sheet):
+        raise ShardError(f"could not write the contact sheet to {out}; check the folder exists and is writable")
+    return out
+
+
+def _tile(image01: np.ndarray) -> np.ndarray:
+    """Letterbox a [0, 1] image into a TILE x TILE uint8 square."""
+    import cv2
+
+    h, w = image01.shape
+    scale = TILE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.resize((image01 * 255).astype(np.uint8), size, interpolation=interpolation)
+    tile = np.zeros((TILE, TILE), dtype=np.uint8)
+    y, x = (TILE - small.shape[0]) // 2, (TILE - small.shape[1]) // 2
+    tile[y : y + small.shape[0], x : x + small.shape[1]] = small
+    return tile
