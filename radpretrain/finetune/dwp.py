@@ -19,6 +19,7 @@ unbiased estimate of the whole layer.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -341,3 +342,29 @@ def kl_bound(encoder: nn.Module, layers: dict[str, str], prior: KernelPrior, *, 
         cross = -vae.elbo(w).sum() * (n / mean.shape[0])
         total = total + neg_entropy + cross
     return total
+
+
+def to_deterministic(module: nn.Module) -> nn.Module:
+    """A copy with every `VariationalConv` replaced by a plain convolution holding the posterior mean,
+    so that a DWP-finetuned encoder exports and loads like any other."""
+    module = copy.deepcopy(module)
+    for name, layer in list(module.named_modules()):
+        if not isinstance(layer, VariationalConv):
+            continue
+        conv_type = nn.Conv2d if layer.weight.dim() == 4 else nn.Conv3d
+        conv = conv_type(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,  # type: ignore[arg-type]
+            stride=layer.stride,  # type: ignore[arg-type]
+            padding=layer.padding,  # type: ignore[arg-type]
+            dilation=layer.dilation,  # type: ignore[arg-type]
+            groups=layer.groups,
+            bias=layer.bias is not None,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight)
+            if layer.bias is not None and conv.bias is not None:
+                conv.bias.copy_(layer.bias)
+        module.set_submodule(name, conv)
+    return module

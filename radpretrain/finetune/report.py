@@ -101,7 +101,9 @@ def summarize(rows: list[dict[str, Any]], metric: str) -> list[Summary]:
         if value is not None and math.isfinite(value):
             groups[key].append(float(value))
     out = []
-    for (arm, n), values in sorted(groups.items()):
+    # Arms in the order the sweep ran them (its `strategies` list), label counts ascending.
+    order = {arm: i for i, arm in enumerate(dict.fromkeys(arm for arm, _ in groups))}
+    for (arm, n), values in sorted(groups.items(), key=lambda item: (order[item[0][0]], item[0][1])):
         mean = float(np.mean(values)) if values else math.nan
         sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         out.append(Summary(arm, n, mean, sd, len(values)))
@@ -150,7 +152,8 @@ def paired_differences(
             continue
         diffs[(arm_name(row, several), int(row["n_labels"]))].append(float(value) - float(ref))
     out = []
-    for (arm, n), values in sorted(diffs.items()):
+    order = {arm: i for i, arm in enumerate(dict.fromkeys(arm for arm, _ in diffs))}
+    for (arm, n), values in sorted(diffs.items(), key=lambda item: (order[item[0][0]], item[0][1])):
         array = np.asarray(values)
         low, high = bootstrap_ci(array, n_boot=n_boot, seed=seed)
         out.append(Paired(arm, n, float(array.mean()), low, high, wilcoxon_p(array), array.size))

@@ -1,0 +1,588 @@
+"""Finetune one model on one labeled subset of a cohort with Accelerate, then measure it on the test cases."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from radpretrain import intensity
+from radpretrain.config import save_config
+from radpretrain.errors import CohortError, ConfigError, NonFiniteLossError
+from radpretrain.finetune.config import FinetuneConfig
+from radpretrain.finetune.strategies import (
+    Phase,
+    Strategy,
+    StrategySpec,
+    TransferContext,
+    build_strategy,
+    parse_spec,
+    under,
+)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from radpretrain.data.cohorts import Case, Cohort
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    """A model ready to train, with the strategy that shaped it and how it was made."""
+
+    model: nn.Module
+    strategy: Strategy
+    spec: StrategySpec
+    ctx: TransferContext
+    #: The encoder's card when it came from an exported folder (None: built from a timm name or a baseline).
+    card: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the cohort asks for.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def task_of(cohort: Cohort) -> str:
+    """ "seg" or "cls" from the cohort's kind ("seg2d", "cls3d", ...)."""
+    return "seg" if cohort.kind.startswith("seg") else "cls"
+
+
+def num_classes(cohort: Cohort) -> int:
+    """Classes of a classification cohort: labels are the integers 0..K-1 (at least two classes)."""
+    labels = []
+    for case in cohort.cases:
+        target = case.target
+        if isinstance(target, bool) or not isinstance(target, int | float) or float(target) != int(target):
+            raise CohortError(
+                f"case {case.id}: classification labels must be integers 0..K-1, got {target!r}; "
+                "regression targets are not supported"
+            )
+        labels.append(int(target))
+    if min(labels) < 0 or max(labels) < 1:
+        raise CohortError(
+            f"classification labels must be integers 0..K-1 with at least two classes, got {sorted(set(labels))}"
+        )
+    return max(labels) + 1
+
+
+def outputs_of(cohort: Cohort) -> int:
+    return 1 if task_of(cohort) == "seg" else num_classes(cohort)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the model.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def is_encoder_folder(value: str) -> bool:
+    path = Path(value)
+    return path.is_dir() or path.suffix in (".json", ".safetensors")
+
+
+def load_checked_encoder(path: str | Path, cfg: FinetuneConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an exported encoder, refusing one whose intensity convention, channels or input size do not fit."""
+    from radpretrain.models.encoders import load_encoder, read_card
+
+    card = read_card(path)
+    intensity.check_convention(str(card.get("intensity_convention")), f"encoder {path}")
+    if int(card["in_chans"]) != 1:
+        raise ConfigError(
+            f"encoder {path} takes {card['in_chans']} input channels but cohort images have 1; "
+            "export an encoder built with in_chans=1"
+        )
+    fixed = card.get("img_size")
+    if fixed is not None and int(fixed) != cfg.size:
+        raise ConfigError(
+            f"encoder {path} has a fixed input size of {fixed} px but size={cfg.size}; set size={fixed} "
+            "(or export an encoder built for this size)"
+        )
+    return load_encoder(path).train(), card
+
+
+def build_model(cfg: FinetuneConfig, cohort: Cohort, device: str | torch.device = "cpu") -> Built:
+    """Encoder (exported folder or timm name) -> strategy init -> (inflation) -> head -> strategy wrap."""
+    from radpretrain.models.encoders import build_encoder, encoder_stages
+
+    spec = parse_spec(cfg.strategy)
+    strategy = build_strategy(spec)
+    outputs = outputs_of(cohort)
+    dims = int(cohort.spatial_dims)
+
+    if cfg.model is not None:
+        return _build_baseline(cfg, cohort, spec, strategy, outputs, dims)
+
+    card: dict[str, Any] | None = None
+    if is_encoder_folder(cfg.encoder):
+        encoder, card = load_checked_encoder(cfg.encoder, cfg)
+    else:
+        if type(strategy).needs_pretrained:
+            raise ConfigError(
+                f"strategy '{spec}' transfers pretrained weights but encoder '{cfg.encoder}' is not an exported "
+                "encoder folder; give encoder=<folder written by radpretrain export> or use strategy random"
+            )
+        encoder = build_encoder(cfg.encoder, img_size=cfg.size if dims == 2 else None)
+
+    sources: list[nn.Module] = []
+    if spec.name == "dwp":
+        sources = _dwp_sources(cfg, encoder, card)
+    ctx = TransferContext(
+        stages=encoder_stages(encoder), options=cfg.options, dwp=cfg.dwp, sources=sources, seed=cfg.seed, device=device
+    )
+    strategy.init_encoder(encoder, ctx)
+    if dims == 3:
+        from radpretrain.models.inflate import inflate
+
+        encoder = inflate(encoder, cfg.inflate)
+    model = _with_head(encoder, cohort, outputs, dims)
+    strategy.wrap(model, ctx)
+    return Built(model, strategy, spec, ctx, card)
+
+
+def _dwp_sources(cfg: FinetuneConfig, encoder: nn.Module, card: dict[str, Any] | None) -> list[nn.Module]:
+    from radpretrain.models.encoders import read_card
+
+    if not cfg.dwp.sources:
+        if card is None:
+            raise ConfigError("strategy dwp needs source kernels: set dwp.sources or give a pretrained encoder folder")
+        return [copy.deepcopy(encoder)]
+    name = card["timm_name"] if card is not None else cfg.encoder
+    sources = []
+    for path in cfg.dwp.sources:
+        source_name = read_card(path)["timm_name"]
+        if source_name != name:
+            raise ConfigError(
+                f"dwp source {path} is a '{source_name}' encoder but the target is '{name}'; the prior groups "
+                "kernels by stage, so sources must share the target's architecture"
+            )
+        sources.append(load_checked_encoder(path, cfg)[0])
+    return sources
+
+
+def _with_head(encoder: nn.Module, cohort: Cohort, outputs: int, dims: int) -> nn.Module:
+    if task_of(cohort) == "seg":
+        from radpretrain.models.unet import SegmentationModel
+
+        return SegmentationModel(encoder, outputs, spatial_dims=dims)
+    from radpretrain.models.heads import Classifier
+
+    return Classifier(encoder, outputs)
+
+
+def _build_baseline(
+    cfg: FinetuneConfig, cohort: Cohort, spec: StrategySpec, strategy: Strategy, outputs: int, dims: int
+) -> Built:
+    from radpretrain.models.baselines3d import MODELS
+
+    assert cfg.model is not None
+
+    if type(strategy).needs_pretrained:
+        raise ConfigError(
+            f"model={cfg.model} is a from-scratch baseline without a pretrained encoder; use strategy random "
+            f"(or weak+random / weak-only), not '{spec}'"
+        )
+    if task_of(cohort) != "seg":
+        raise ConfigError(f"model={cfg.model} segments; cohort kind '{cohort.kind}' needs an encoder and a classifier")
+    model = MODELS.get(cfg.model)(spatial_dims=dims, in_channels=1, out_channels=outputs)
+    return Built(model, strategy, spec, TransferContext(stages=[]), None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loss and metrics.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_loss(task: str, cfg: FinetuneConfig) -> nn.Module:
+    """Dice + BCE (MONAI DiceCELoss: BCE for one sigmoid channel) for segmentation, cross-entropy otherwise."""
+    if task == "seg":
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(sigmoid=True, lambda_dice=cfg.loss.dice_weight, lambda_ce=cfg.loss.bce_weight)
+    return nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Any, task: str, loss_fn: nn.Module, device: torch.device, batch_size: int
+) -> dict[str, float]:
+    """Metrics over a dataset: Dice, IoU, HD95 (MONAI; pixels/voxels) or AUROC (MONAI), accuracy and
+    balanced accuracy (scikit-learn); plus the mean loss."""
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    losses: list[float] = []
+    preds: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        image, target = batch["image"].to(device), batch["target"].to(device)
+        logits = model(image).float()
+        losses.append(float(loss_fn(logits, target)) * image.shape[0])
+        preds.append(logits.cpu())
+        targets.append(target.cpu())
+    logits, target = torch.cat(preds), torch.cat(targets)
+    metrics = {"loss": sum(losses) / len(dataset)}
+    metrics.update(segmentation_metrics(logits, target) if task == "seg" else classification_metrics(logits, target))
+    return metrics
+
+
+def segmentation_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Mean Dice and IoU (an empty mask predicted empty scores 1) and mean HD95 over cases where it is finite."""
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+
+    pred = (logits.sigmoid() > 0.5).float()
+    truth = (target > 0.5).float()
+    dice = cast(torch.Tensor, DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
+    iou = cast(torch.Tensor, MeanIoU(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
+    with warnings.catch_warnings():
+        # An empty prediction or mask has no surface: MONAI warns and gives NaN/inf for that case.
+        warnings.simplefilter("ignore")
+        hd = cast(
+            torch.Tensor, HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(pred, truth)
+        )
+    hd = hd.flatten()
+    finite = hd[torch.isfinite(hd)]
+    return {
+        "dice": float(dice.mean()),
+        "iou": float(iou.mean()),
+        "hd95": float(finite.mean()) if finite.numel() else math.nan,
+    }
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """AUROC (macro over classes; NaN when the cases hold one class only), accuracy, balanced accuracy."""
+    from monai.metrics import ROCAUCMetric
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    probs = logits.softmax(dim=1)
+    labels = target.long().flatten()
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).float()
+    metric = ROCAUCMetric(average="macro")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if probs.shape[1] == 2:
+            metric(probs[:, 1:], onehot[:, 1:])
+        else:
+            metric(probs, onehot)
+        auroc = float(cast(float, metric.aggregate()))
+    predicted = probs.argmax(dim=1).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns when a class is absent from the cases
+        balanced = float(balanced_accuracy_score(labels.numpy(), predicted))
+    return {"auroc": auroc, "accuracy": float(accuracy_score(labels.numpy(), predicted)), "balanced_accuracy": balanced}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def split_epochs(phases: list[Phase], epochs: int) -> list[int]:
+    """Whole epochs per phase in proportion to their shares, at least one each, summing to `epochs`."""
+    counts = [max(1, round(p.share * epochs)) for p in phases]
+    counts[-1] = max(1, epochs - sum(counts[:-1]))
+    return counts
+
+
+def set_trainable(model: nn.Module, frozen: tuple[str, ...]) -> list[nn.Parameter]:
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(not under(name, frozen))
+        if param.requires_grad:
+            params.append(param)
+    if not params:
+        raise ConfigError("the strategy froze every parameter; nothing would train")
+    return params
+
+
+def hold_frozen_norms(model: nn.Module, frozen: tuple[str, ...]) -> None:
+    """Frozen parts keep their normalisation statistics too: their batch norms run in eval mode."""
+    for name, module in model.named_modules():
+        if under(name, frozen) and isinstance(module, nn.modules.batchnorm._NormBase):
+            module.eval()
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    steps: int
+    best_epoch: int
+    best_val_loss: float
+    log: list[dict[str, Any]]
+
+
+def fit(
+    built: Built,
+    train_set: Any,
+    val_set: Any | None,
+    *,
+    task: str,
+    cfg: FinetuneConfig,
+    epochs: int,
+    accelerator: Accelerator,
+    kl_scale: float,
+    phases: list[Phase],
+    stage: str,
+) -> FitResult:
+    """Adam per phase; ReduceLROnPlateau + early stopping on the validation loss, or cosine; keep the best epoch."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from tqdm.auto import tqdm
+
+    model, strategy = built.model, built.strategy
+    loss_fn = make_loss(task, cfg)
+    # Batch norm needs two samples per batch; a one-case training set is drawn twice (augmented apart).
+    sampler = RandomSampler(train_set, replacement=len(train_set) < 2, num_samples=max(2, len(train_set)))
+    batch_size = min(cfg.batch_size, max(2, len(train_set)))
+    drop_last = len(train_set) > batch_size and len(train_set) % batch_size == 1
+    best_loss, best_state, best_epoch = math.inf, None, 0
+    rows: list[dict[str, Any]] = []
+    step = epoch_index = 0
+    bar = tqdm(total=epochs, desc=f"{stage}: {built.spec}", unit="epoch", leave=False, disable=not cfg.progress)
+    for phase, n_epochs in zip(phases, split_epochs(phases, epochs), strict=True):
+        params = set_trainable(model, phase.frozen)
+        optimiser = torch.optim.Adam(params, lr=cfg.optim.lr * phase.lr_scale, weight_decay=cfg.optim.weight_decay)
+        loader = DataLoader(
+            train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=cfg.workers
+        )
+        # Prepared per phase so that a distributed wrapper sees this phase's trainable parameters.
+        wrapped, optimiser, loader = accelerator.prepare(model, optimiser, loader)
+        steps_per_epoch = max(1, len(loader))
+        scheduler: Any
+        if cfg.optim.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=n_epochs * steps_per_epoch)
+        else:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimiser, factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience
+            )
+        stale = 0
+        for _ in range(n_epochs):
+            # --- train one epoch
+            wrapped.train()
+            hold_frozen_norms(model, phase.frozen)
+            totals = {"task": 0.0, "kl": 0.0}
+            seen = 0
+            for batch in loader:
+                logits = wrapped(batch["image"])
+                task_loss = loss_fn(logits.float(), batch["target"])
+                reg = strategy.regulariser(model)
+                kl = reg * kl_scale if reg is not None else torch.zeros((), device=task_loss.device)
+                loss = task_loss + kl
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(step, {"task": task_loss.item(), "kl": kl.item()})
+                optimiser.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimiser.step()
+                if cfg.optim.scheduler == "cosine":
+                    scheduler.step()
+                step += 1
+                n = batch["image"].shape[0]
+                totals["task"] += task_loss.item() * n
+                totals["kl"] += kl.item() * n
+                seen += n
+            train_loss = totals["task"] / max(seen, 1)
+            # --- validate: pick the best epoch, lower the rate, stop early
+            if val_set is not None and len(val_set):
+                monitored = evaluate(model, val_set, task, loss_fn, accelerator.device, batch_size)["loss"]
+            else:
+                monitored = train_loss
+            if cfg.optim.scheduler == "plateau":
+                scheduler.step(monitored)
+            epoch_index += 1
+            row = {
+                "stage": stage,
+                "phase": phase.name,
+                "epoch": epoch_index,
+                "step": step,
+                "train_loss": train_loss,
+                "kl": totals["kl"] / max(seen, 1),
+                "val_loss" if val_set is not None and len(val_set) else "train_loss_monitored": monitored,
+                "lr": optimiser.param_groups[0]["lr"],
+            }
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{monitored:.3f}")
+            if monitored < best_loss:
+                best_loss, best_epoch, stale = monitored, epoch_index, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            if cfg.optim.early_stop and cfg.optim.scheduler == "plateau" and stale >= cfg.optim.early_stop:
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return FitResult(epoch_index, step, best_epoch, best_loss, rows)
+
+
+def split_val(labeled: list[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Hold out about `fraction` of the labeled cases, whole patients where there are several, for model
+    selection; fewer than three labeled cases keep all for training (the training loss then decides)."""
+    if fraction <= 0 or len(labeled) < 3:
+        return list(labeled), []
+    rng = np.random.default_rng(seed)
+    patients = sorted({c.patient for c in labeled})
+    target = max(1, round(fraction * len(labeled)))
+    val_ids: set[str] = set()
+    if len(patients) >= 2:
+        chosen: set[str] = set()
+        for index in rng.permutation(len(patients)):
+            if len(val_ids) >= target or len(chosen) == len(patients) - 1:
+                break
+            chosen.add(patients[index])
+            val_ids.update(c.id for c in labeled if c.patient == patients[index])
+    else:
+        val_ids = {labeled[i].id for i in rng.permutation(len(labeled))[:target]}
+    train = [c for c in labeled if c.id not in val_ids]
+    val = [c for c in labeled if c.id in val_ids]
+    return train, val
+
+
+def train_and_evaluate(
+    cfg: FinetuneConfig,
+    cohort: Cohort,
+    labeled: list[Case],
+    test: list[Case],
+    *,
+    out_dir: str | Path | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Build the model (strategy), optionally train on the weak-label cohort, finetune on `labeled`
+    (minus a validation split), and measure it on `test`. Returns metrics, counts and timings."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from radpretrain.data.cohorts import CohortDataset, load_cohort
+
+    started = time.perf_counter()
+    accelerator = accelerator or Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    task = task_of(cohort)
+    built = build_model(cfg, cohort, accelerator.device)
+    built.model.to(accelerator.device)
+    phases = built.strategy.phases(built.ctx)
+    voxels = cfg.size ** int(cohort.spatial_dims) if task == "seg" else 1
+    fits: list[FitResult] = []
+
+    # --- weak-label stage: everything trains on the weak cohort first
+    n_weak = 0
+    if built.spec.weak != "none":
+        if cfg.weak.cohort is None:
+            raise ConfigError(f"strategy '{built.spec}' trains on a weak-label cohort first; set weak.cohort")
+        weak = load_cohort(cfg.weak.cohort, kind=cfg.weak.kind, label_column=cfg.label_column)
+        if weak.kind != cohort.kind or outputs_of(weak) != outputs_of(cohort):
+            raise CohortError(
+                f"weak-label cohort is '{weak.kind}' with {outputs_of(weak)} output(s) but the cohort is "
+                f"'{cohort.kind}' with {outputs_of(cohort)}; they must be the same task"
+            )
+        weak_train, weak_val = split_val(weak.cases, cfg.val_fraction, cfg.seed)
+        n_weak = len(weak.cases)
+        fits.append(
+            fit(
+                built,
+                CohortDataset(weak, weak_train, cfg.size, augment=cfg.augment),
+                CohortDataset(weak, weak_val, cfg.size, augment=False) if weak_val else None,
+                task=task,
+                cfg=cfg,
+                epochs=cfg.weak.epochs,
+                accelerator=accelerator,
+                kl_scale=cfg.dwp.kl_weight / (len(weak_train) * voxels),
+                phases=[Phase("weak", 1.0)],
+                stage="weak",
+            )
+        )
+
+    # --- the labeled subset
+    train_cases, val_cases = split_val(labeled, cfg.val_fraction, cfg.seed)
+    if built.spec.weak != "only":
+        if not train_cases:
+            raise CohortError("no labeled cases to train on; raise n_train")
+        fits.append(
+            fit(
+                built,
+                CohortDataset(cohort, train_cases, cfg.size, augment=cfg.augment),
+                CohortDataset(cohort, val_cases, cfg.size, augment=False) if val_cases else None,
+                task=task,
+                cfg=cfg,
+                epochs=cfg.epochs,
+                accelerator=accelerator,
+                kl_scale=cfg.dwp.kl_weight / (len(train_cases) * voxels),
+                phases=phases,
+                stage="finetune",
+            )
+        )
+    trained = time.perf_counter()
+
+    # --- test
+    metrics: dict[str, float] = {}
+    if test:
+        test_set = CohortDataset(cohort, test, cfg.size, augment=False)
+        metrics = evaluate(built.model, test_set, task, make_loss(task, cfg), accelerator.device, cfg.batch_size)
+    finished = time.perf_counter()
+    result = {
+        "strategy": str(built.spec),
+        "encoder": cfg.encoder if cfg.model is None else f"model:{cfg.model}",
+        "kind": cohort.kind,
+        "spatial_dims": int(cohort.spatial_dims),
+        "metrics": metrics,
+        "n_train": len(train_cases) if built.spec.weak != "only" else 0,
+        "n_val": len(val_cases) if built.spec.weak != "only" else 0,
+        "n_test": len(test),
+        "n_weak": n_weak,
+        "epochs": [f.epochs for f in fits],
+        "best_epoch": [f.best_epoch for f in fits],
+        "steps": sum(f.steps for f in fits),
+        "seconds": {"train": round(trained - started, 3), "test": round(finished - trained, 3)},
+        "seed": cfg.seed,
+    }
+    if out_dir is not None and accelerator.is_main_process:
+        write_run(Path(out_dir), cfg, built, result, [row for f in fits for row in f.log])
+    return result
+
+
+def write_run(out: Path, cfg: FinetuneConfig, built: Built, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """config.yaml, log.jsonl, metrics.json and, with save_model, model.safetensors and the 2D encoder/."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    with (out / "log.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not cfg.save_model:
+        return
+    from safetensors.torch import save_file
+
+    from radpretrain.finetune.dwp import to_deterministic
+
+    state = {k: v.detach().cpu().contiguous() for k, v in built.model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"strategy": str(built.spec)})
+    encoder = getattr(built.model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "radpretrain_build") and result["spatial_dims"] == 2:
+        from radpretrain.models.encoders import save_encoder
+
+        card = {
+            "finetuned": {
+                "strategy": str(built.spec),
+                "kind": result["kind"],
+                "n_train": result["n_train"],
+                "steps": result["steps"],
+            },
+            "source_encoder": (built.card or {}).get("timm_name"),
+            "input_size": cfg.size,
+        }
+        save_encoder(to_deterministic(encoder), out / "encoder", card)

@@ -1,0 +1,265 @@
+"""Few-label sweeps: one fixed patient-level test set, k labeled subsets per label count, a results.jsonl line per cell.
+
+A sweep is label counts x repeats x strategies x encoders. Repeat r of label count n draws one
+patient-level subset from the pool (the cohort minus the test set) and every strategy and encoder trains
+on that same subset with the same seed, so differences between strategies are paired. A single
+`finetune` run is the one-cell case of the same machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from radpretrain.config import save_config, to_dict
+from radpretrain.errors import CohortError, ConfigError
+from radpretrain.finetune.config import FinetuneConfig, SweepConfig
+
+if TYPE_CHECKING:
+    from radpretrain.data.cohorts import Case, Cohort
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patient-level splits.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _patients(cases: Sequence[Case]) -> list[str]:
+    return sorted({c.patient for c in cases})
+
+
+def split_test(
+    cases: Sequence[Case], *, count: int | None = None, fraction: float = 0.3, seed: int = 0
+) -> tuple[list[Case], list[Case]]:
+    """(pool, test): whole patients drawn (seeded) into the test set until it holds `count` cases (or
+    `fraction` of them, at least one); no patient is in both."""
+    if not cases:
+        raise CohortError("the cohort has no cases")
+    target = count if count is not None else max(1, round(fraction * len(cases)))
+    patients = _patients(cases)
+    if len(patients) < 2 or target >= len(cases):
+        raise CohortError(
+            f"a test set of {target} case(s) leaves nothing to train on: the cohort has {len(cases)} case(s) "
+            f"from {len(patients)} patient(s); lower test_count/test_fraction or add cases"
+        )
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    held = 0
+    for index in rng.permutation(len(patients)):
+        if held >= target or len(chosen) == len(patients) - 1:
+            break
+        chosen.add(patients[index])
+        held += sum(1 for c in cases if c.patient == patients[index])
+    pool = [c for c in cases if c.patient not in chosen]
+    test = [c for c in cases if c.patient in chosen]
+    return pool, test
+
+
+def draw_labeled(pool: Sequence[Case], n: int, *, seed: int) -> list[Case]:
+    """n cases from the pool, patient by patient in a seeded order (the last patient may be cut short)."""
+    if n > len(pool):
+        raise CohortError(
+            f"label count {n} is larger than the pool of {len(pool)} case(s) outside the test set; "
+            "lower the label count, the test set, or use a bigger cohort"
+        )
+    rng = np.random.default_rng(seed)
+    patients = _patients(pool)
+    drawn: list[Case] = []
+    for index in rng.permutation(len(patients)):
+        mine = [c for c in pool if c.patient == patients[index]]
+        drawn.extend(mine[i] for i in rng.permutation(len(mine)))
+        if len(drawn) >= n:
+            break
+    return drawn[:n]
+
+
+def subset_seed(seed: int, n: int, repeat: int) -> int:
+    """One seed per (label count, repeat): the subset and the training seed every arm of a pair shares."""
+    return int(np.random.SeedSequence([seed, n, repeat]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_cohort_of(cfg: FinetuneConfig) -> Cohort:
+    from radpretrain.data.cohorts import load_cohort
+
+    if cfg.cohort is None:
+        raise ConfigError("no cohort given; set cohort=<folder or CSV of labeled cases>")
+    return load_cohort(cfg.cohort, kind=cfg.kind, label_column=cfg.label_column)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """A single finetune: patient-level test split (cfg.test_fraction), n_train labeled cases, train, test."""
+    from radpretrain.finetune.loop import train_and_evaluate
+
+    cohort = load_cohort_of(cfg)
+    if cfg.test_fraction > 0:
+        pool, test = split_test(cohort.cases, fraction=cfg.test_fraction, seed=cfg.seed)
+    else:
+        pool, test = list(cohort.cases), []
+    labeled = draw_labeled(pool, cfg.n_train or len(pool), seed=cfg.seed)
+    return train_and_evaluate(cfg, cohort, labeled, test, out_dir=cfg.out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The grid.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    encoder: str
+    strategy: str
+    n_labels: int
+    repeat: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.encoder}|{self.strategy}|n{self.n_labels}|r{self.repeat}"
+
+    @property
+    def folder(self) -> str:
+        label = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{Path(self.encoder).name}_{self.strategy}")
+        return f"{label}_n{self.n_labels}_r{self.repeat}"
+
+
+def cells_of(cfg: SweepConfig) -> list[Cell]:
+    """Label count outermost so that partial results already give whole learning-curve points."""
+    encoders = cfg.encoders or [cfg.finetune.encoder]
+    return [
+        Cell(encoder, strategy, n, repeat)
+        for n in cfg.label_counts
+        for repeat in range(cfg.repeats)
+        for encoder in encoders
+        for strategy in cfg.strategies
+    ]
+
+
+def finished_cells(results: Path) -> set[str]:
+    """Ids of the cells with a result line; a torn last line (killed mid-write) is ignored and redone."""
+    done: set[str] = set()
+    if not results.is_file():
+        return done
+    for line in results.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("status") == "ok":
+            done.add(row["cell"])
+    return done
+
+
+def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
+    """Refuse a grid that cannot run before any cell runs: label counts, strategy specs, encoders."""
+    from radpretrain.finetune.loop import is_encoder_folder
+    from radpretrain.finetune.strategies import STRATEGIES, parse_spec
+
+    too_many = [n for n in cfg.label_counts if n > len(pool)]
+    if too_many:
+        raise CohortError(
+            f"label count(s) {too_many} exceed the pool of {len(pool)} case(s) outside the fixed test set "
+            f"({len(cohort.cases)} cases in the cohort); lower label_counts or test_count/test_fraction"
+        )
+    for spec in cfg.strategies:
+        parsed = parse_spec(spec)
+        strategy_type = STRATEGIES.get(parsed.name)
+        strategy_type(parsed.arg)  # argument errors now, not in cell 37
+        if parsed.weak != "none" and cfg.finetune.weak.cohort is None:
+            raise ConfigError(f"strategy '{spec}' trains on a weak-label cohort first; set finetune.weak.cohort")
+        for encoder in cfg.encoders or [cfg.finetune.encoder]:
+            if strategy_type.needs_pretrained and cfg.finetune.model is None and not is_encoder_folder(encoder):
+                raise ConfigError(
+                    f"strategy '{spec}' transfers pretrained weights but encoder '{encoder}' is not an exported "
+                    "encoder folder; give a folder written by `radpretrain export` or drop the strategy"
+                )
+            if is_encoder_folder(encoder) and not Path(encoder).exists():
+                raise ConfigError(f"encoder folder {encoder} does not exist")
+
+
+def run_sweep(cfg: SweepConfig) -> Path:
+    """Run every unfinished cell; returns the path of results.jsonl. Resumable: finished cells are skipped."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from radpretrain.finetune.loop import train_and_evaluate
+
+    out = Path(cfg.out)
+    cohort = load_cohort_of(cfg.finetune)
+    pool, test = split_test(cohort.cases, count=cfg.test_count, fraction=cfg.test_fraction, seed=cfg.seed)
+    check_cells(cfg, cohort, pool)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "sweep.yaml")
+    results = out / RESULTS
+    done = finished_cells(results)
+    cells = cells_of(cfg)
+    todo = [cell for cell in cells if cell.id not in done]
+    log.info(
+        "sweep: %d cells, %d finished, %d to run; test set %d cases",
+        len(cells),
+        len(cells) - len(todo),
+        len(todo),
+        len(test),
+    )
+    dwp = (
+        cfg.finetune.dwp if cfg.finetune.dwp.cache is not None else replace(cfg.finetune.dwp, cache=out / "dwp-priors")
+    )
+    accelerator = Accelerator(cpu=cfg.finetune.cpu, mixed_precision=cfg.finetune.mixed_precision)
+    bar = tqdm(todo, desc="sweep", unit="cell", disable=not cfg.finetune.progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.id)
+        seed = subset_seed(cfg.seed, cell.n_labels, cell.repeat)
+        labeled = draw_labeled(pool, cell.n_labels, seed=seed)
+        cell_cfg = replace(
+            cfg.finetune,
+            encoder=cell.encoder,
+            strategy=cell.strategy,
+            n_train=cell.n_labels,
+            seed=seed,
+            dwp=dwp,
+            out=out / "cells" / cell.folder,
+            save_model=cfg.finetune.save_model and cfg.keep_cells,
+        )
+        started = time.perf_counter()
+        result = train_and_evaluate(
+            cell_cfg, cohort, labeled, test, out_dir=cell_cfg.out if cfg.keep_cells else None, accelerator=accelerator
+        )
+        row = {
+            "cell": cell.id,
+            "status": "ok",
+            "encoder": cell.encoder,
+            "strategy": cell.strategy,
+            "n_labels": cell.n_labels,
+            "repeat": cell.repeat,
+            **{k: v for k, v in result.items() if k not in ("strategy", "encoder")},
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "config": _cell_config(cell_cfg),
+        }
+        if accelerator.is_main_process:
+            with results.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+                handle.flush()
+    bar.close()
+    return results
+
+
+def _cell_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The cell's resolved config, minus paths that say where, not what (the output folder)."""
+    values = to_dict(cfg)
+    values.pop("out", None)
+    return values
