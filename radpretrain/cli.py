@@ -14,7 +14,11 @@ from radpretrain.errors import RadPretrainError
 
 # Each part adds its own subcommands (parse, load config, call one library function); heavy imports
 # stay inside the handlers so that `--help` is instant.
-COMMAND_MODULES: tuple[str, ...] = ("radpretrain.finetune.commands", "radpretrain.pretrain.commands")
+COMMAND_MODULES: tuple[str, ...] = (
+    "radpretrain.shards.commands",
+    "radpretrain.finetune.commands",
+    "radpretrain.pretrain.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

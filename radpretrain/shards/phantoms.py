@@ -1,0 +1,867 @@
+"""Anatomy-like radiograph phantoms per body part, with age- and sex-dependent appearance and masks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+#: Body parts the generator can draw (names follow the DICOM body-part defined terms, lower case).
+BODY_PARTS: tuple[str, ...] = (
+    "chest",
+    "abdomen",
+    "pelvis",
+    "skull",
+    "lspine",
+    "shoulder",
+    "hand",
+    "knee",
+    "foot",
+)
+
+#: Adult detector field of view (height_mm, width_mm) per body part, as the usual cassette sizes.
+FIELD_MM: dict[str, tuple[float, float]] = {
+    "chest": (430.0, 360.0),
+    "abdomen": (430.0, 350.0),
+    "pelvis": (350.0, 430.0),
+    "skull": (300.0, 240.0),
+    "lspine": (430.0, 300.0),
+    "shoulder": (240.0, 300.0),
+    "hand": (300.0, 240.0),
+    "knee": (300.0, 240.0),
+    "foot": (300.0, 240.0),
+}
+
+#: Which ground-truth masks each body part can produce.
+MASK_STRUCTURES: dict[str, tuple[str, ...]] = {"chest": ("lungs", "heart"), "hand": ("bones",), "knee": ("bones",)}
+
+#: Parts with a side (drawn as a right limb, mirrored for the left).
+SIDED: frozenset[str] = frozenset({"hand", "knee", "foot", "shoulder"})
+
+_SHIFT = 4  # cv2 fixed-point bits: sub-pixel drawing keeps thin bones smooth at low working resolution
+_ONE = 1 << _SHIFT
+_WORK_LONG_SIDE = 384  # drawing resolution; the result is resized up and detector noise added there
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Body:
+    """Age- and sex-dependent proportions of one patient."""
+
+    age: float
+    sex: str | None
+
+    @property
+    def female(self) -> bool:
+        return self.sex == "F"
+
+    @property
+    def scale(self) -> float:
+        """Body size relative to an adult (about 1/3 at birth)."""
+        size = float(np.interp(self.age, [0, 1, 2, 5, 10, 14, 18], [0.33, 0.42, 0.48, 0.6, 0.75, 0.9, 1.0]))
+        return size * (0.94 if self.female and self.age >= 12 else 1.0)
+
+    @property
+    def density(self) -> float:
+        """Bone mineral density relative to a young adult; falls faster in women after menopause."""
+        dens = float(np.interp(self.age, [0, 2, 10, 20, 45, 70, 90], [0.5, 0.6, 0.8, 1.0, 1.0, 0.78, 0.62]))
+        if self.female and self.age > 50:
+            dens -= 0.004 * (self.age - 50)
+        return dens
+
+    @property
+    def cortex(self) -> float:
+        """Cortical thickness as a fraction of bone width (thins with age)."""
+        return float(np.interp(self.age, [0, 20, 50, 90], [0.18, 0.3, 0.27, 0.14]))
+
+    def plate(self, fuse_age: float) -> float:
+        """How open a growth plate that fuses at `fuse_age` (boys; girls 1.5 years earlier) is: 1 open, 0 fused."""
+        fuse = fuse_age - (1.5 if self.female else 0.0)
+        return float(np.clip((fuse - self.age) / 1.5, 0.0, 1.0))
+
+    def ossified(self, onset: float) -> float:
+        """Size (0..1) of an ossification centre that appears at `onset` years (girls earlier)."""
+        onset = onset * (0.8 if self.female else 1.0)
+        if self.age < onset:
+            return 0.0
+        return float(np.clip(0.35 + (self.age - onset) / 4.0, 0.35, 1.0))
+
+
+class Canvas:
+    """Additive attenuation layers drawn in millimetres around the image centre, with a patient pose."""
+
+    LAYERS = ("soft", "organ", "bone")
+
+    def __init__(self, shape: tuple[int, int], mm_per_px: float, rotation_deg: float, shift_mm: Point) -> None:
+        self.shape = shape
+        self.px_per_mm = 1.0 / mm_per_px
+        self.layers = {name: np.zeros(shape, np.float32) for name in self.LAYERS}
+        self.masks: dict[str, np.ndarray] = {}
+        self._tmp = np.zeros(shape, np.float32)
+        theta = math.radians(rotation_deg)
+        self.rotation = rotation_deg
+        self._cos, self._sin = math.cos(theta), math.sin(theta)
+        self._cx = shape[1] / 2.0 + shift_mm[0] * self.px_per_mm
+        self._cy = shape[0] / 2.0 + shift_mm[1] * self.px_per_mm
+
+    def px(self, points: Sequence[Point]) -> np.ndarray:
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        x = pts[:, 0] * self._cos - pts[:, 1] * self._sin
+        y = pts[:, 0] * self._sin + pts[:, 1] * self._cos
+        return np.stack([self._cx + x * self.px_per_mm, self._cy + y * self.px_per_mm], axis=1)
+
+    def _stamp(
+        self,
+        points_px: np.ndarray,
+        reach_px: float,
+        draw: Callable[[np.ndarray, np.ndarray], None],
+        value: float,
+        layer: str,
+        mask: str | None,
+    ) -> None:
+        # Draw into a zeroed region of interest only, then add: cost follows the shape's size.
+        rows, cols = self.shape
+        x0 = max(int(points_px[:, 0].min() - reach_px) - 2, 0)
+        y0 = max(int(points_px[:, 1].min() - reach_px) - 2, 0)
+        x1 = min(int(points_px[:, 0].max() + reach_px) + 3, cols)
+        y1 = min(int(points_px[:, 1].max() + reach_px) + 3, rows)
+        if x1 <= x0 or y1 <= y0:
+            return
+        roi = self._tmp[y0:y1, x0:x1]
+        roi.fill(0.0)
+        fixed = np.round((points_px - [x0, y0]) * _ONE).astype(np.int32)
+        draw(roi, fixed)
+        target = self.layers[layer][y0:y1, x0:x1]
+        target += np.float32(value) * roi
+        if mask is not None:
+            full = self.masks.setdefault(mask, np.zeros(self.shape, bool))
+            full[y0:y1, x0:x1] |= roi > 0.5
+
+    def ellipse(
+        self,
+        center: Point,
+        axes: Point,
+        angle: float,
+        value: float,
+        layer: str = "bone",
+        mask: str | None = None,
+        thickness: float | None = None,
+        arc: tuple[float, float] = (0.0, 360.0),
+    ) -> None:
+        c = self.px([center])
+        ax = (max(int(axes[0] * self.px_per_mm * _ONE), 1), max(int(axes[1] * self.px_per_mm * _ONE), 1))
+        thick = -1 if thickness is None else max(round(thickness * self.px_per_mm), 1)
+        reach = max(axes) * self.px_per_mm + (thickness or 0) * self.px_per_mm
+
+        def draw(roi: np.ndarray, fixed: np.ndarray) -> None:
+            center_fixed = (int(fixed[0, 0]), int(fixed[0, 1]))
+            cv2.ellipse(roi, center_fixed, ax, angle + self.rotation, arc[0], arc[1], 1.0, thick, cv2.LINE_AA, _SHIFT)
+
+        self._stamp(c, reach, draw, value, layer, mask)
+
+    def capsule(
+        self, p1: Point, p2: Point, width: float, value: float, layer: str = "bone", mask: str | None = None
+    ) -> None:
+        self.polyline([p1, p2], width, value, layer, mask)
+
+    def polyline(
+        self, points: Sequence[Point], width: float, value: float, layer: str = "bone", mask: str | None = None
+    ) -> None:
+        pts = self.px(points)
+        thick = max(round(width * self.px_per_mm), 1)
+
+        def draw(roi: np.ndarray, fixed: np.ndarray) -> None:
+            cv2.polylines(roi, [fixed], False, 1.0, thick, cv2.LINE_AA, _SHIFT)
+
+        self._stamp(pts, width * self.px_per_mm / 2 + 1, draw, value, layer, mask)
+
+    def polygon(self, points: Sequence[Point], value: float, layer: str = "bone", mask: str | None = None) -> None:
+        pts = self.px(points)
+
+        def draw(roi: np.ndarray, fixed: np.ndarray) -> None:
+            cv2.fillPoly(roi, [fixed], 1.0, cv2.LINE_AA, _SHIFT)
+
+        self._stamp(pts, 1.0, draw, value, layer, mask)
+
+    def bone(
+        self, p1: Point, p2: Point, width: float, body: Body, density: float = 0.45, mask: str | None = "bones"
+    ) -> None:
+        """A tubular bone: a dense cortex shell around a lighter medulla, as a projected hollow cylinder shows."""
+        dens = density * body.density
+        self.capsule(p1, p2, width, dens, "bone", mask)
+        self.capsule(p1, p2, width * (1.0 - 2.0 * body.cortex), -dens * 0.45, "bone", None)
+
+    def blob(self, center: Point, axes: Point, angle: float, body: Body, density: float = 0.4, mask: str | None = None):
+        """A compact bone (carpal, tarsal, epiphysis, vertebral body) with a bright rim."""
+        dens = density * body.density
+        self.ellipse(center, axes, angle, dens, "bone", mask)
+        rim = 1.0 - 1.6 * body.cortex
+        self.ellipse(center, (axes[0] * rim, axes[1] * rim), angle, -dens * 0.35, "bone", None)
+
+    def render(self, mm_per_px: float) -> np.ndarray:
+        """Blur each layer by its own physical sharpness and sum them into one attenuation map."""
+        out = np.zeros(self.shape, np.float32)
+        for name, sigma_mm in (("soft", 5.0), ("organ", 1.8), ("bone", 0.5)):
+            sigma = max(sigma_mm / mm_per_px, 0.3)
+            out += cv2.GaussianBlur(self.layers[name], (0, 0), sigma)
+        return out
+
+
+def _jitter(rng: np.random.Generator, points: Sequence[Point], mm: float) -> list[Point]:
+    noise = rng.uniform(-mm, mm, size=(len(points), 2))
+    return [(float(x + dx), float(y + dy)) for (x, y), (dx, dy) in zip(points, noise, strict=True)]
+
+
+def _mirror(points: Sequence[Point]) -> list[Point]:
+    return [(-x, y) for x, y in points]
+
+
+def _scaled(points: Sequence[Point], s: float, sx: float = 1.0) -> list[Point]:
+    return [(x * s * sx, y * s) for x, y in points]
+
+
+def _along(origin: Point, angle_deg: float, dist: float) -> Point:
+    """The point `dist` mm from `origin` in direction `angle_deg` (0 = up the image, positive = clockwise)."""
+    a = math.radians(angle_deg)
+    return (origin[0] + dist * math.sin(a), origin[1] - dist * math.cos(a))
+
+
+def _ray(
+    c: Canvas,
+    body: Body,
+    base: Point,
+    angle: float,
+    lengths: Sequence[float],
+    widths: Sequence[float],
+    epiphysis_at: Sequence[str],
+    onset: float,
+    fuse_age: float,
+    gap: float,
+    density: float = 0.45,
+) -> None:
+    """A chain of tubular bones (a finger or toe ray) with joints and, in children, epiphyses and growth plates.
+
+    `epiphysis_at[i]` is "base", "head" or "" for bone i; the epiphysis is drawn only once ossified.
+    """
+    pos = base
+    plate = body.plate(fuse_age)
+    size = body.ossified(onset)
+    for length, width, where in zip(lengths, widths, epiphysis_at, strict=True):
+        if length <= 0:
+            continue
+        start, end = pos, _along(pos, angle, length)
+        if where and plate > 0:
+            # Open plate: the epiphysis is a separate, smaller centre beyond a dark cartilage gap.
+            epi_len = min(0.18 * length, 6.0 * body.scale + 1.0)
+            plate_gap = (0.8 + 1.4 * plate) * body.scale + 0.3
+            if where == "base":
+                shaft_start = _along(start, angle, epi_len + plate_gap)
+                c.bone(shaft_start, end, width, body, density)
+                if size > 0:
+                    centre = _along(start, angle, epi_len / 2)
+                    c.blob(centre, (width * 0.5 * size, epi_len * 0.5 * size), angle, body, density, "bones")
+            else:
+                shaft_end = _along(end, angle, -(epi_len + plate_gap))
+                c.bone(start, shaft_end, width, body, density)
+                if size > 0:
+                    centre = _along(end, angle, -epi_len / 2)
+                    c.blob(centre, (width * 0.5 * size, epi_len * 0.5 * size), angle, body, density, "bones")
+        else:
+            c.bone(start, end, width, body, density)
+        pos = _along(end, angle, gap)
+
+
+# --- body parts -------------------------------------------------------------------------------------------
+
+
+def _chest(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    child = float(np.clip((12 - b.age) / 12, 0, 1))
+    wide = rng.uniform(0.92, 1.08)
+    # Torso, neck and arms as one soft-tissue mass.
+    torso: list[Point] = [(-45, -300), (45, -300), (60, -200), (150, -185), (205, -140), (190, -20), (180, 300)]
+    torso = torso + _mirror(torso[::-1])
+    c.polygon(_scaled(_jitter(rng, torso, 5), s, wide), 0.55, "soft")
+    if rng.random() < 0.6:
+        for side in (-1, 1):
+            c.capsule((side * 230 * s * wide, -140 * s), (side * 240 * s * wide, 260 * s), 75 * s, 0.45, "soft")
+    if b.female and b.age >= 14:
+        r = rng.uniform(50, 90) * s
+        for side in (-1, 1):
+            c.ellipse((side * 95 * s * wide, 120 * s), (r, r * 0.75), 0, 0.12, "soft")
+    # Lungs (air lowers attenuation); the left lung's dome sits lower.
+    right = [(-55, -170), (-100, -150), (-135, -105), (-152, -40), (-160, 30), (-162, 95), (-155, 118)]
+    right += [(-120, 92), (-80, 74), (-45, 78), (-30, 60), (-24, 0), (-28, -70), (-36, -140)]
+    left = [(-x, y + (12 if y > 40 else 0)) for x, y in right]
+    lung_drop = 0.28 + 0.04 * child
+    lungs_mask = np.zeros(c.shape, bool)
+    for poly in (right, left):
+        c.polygon(_scaled(_jitter(rng, poly, 4), s, wide), -lung_drop, "organ", "_lung")
+        lungs_mask |= c.masks.pop("_lung")
+    # Heart: relatively larger in children (cardiothoracic ratio about 0.6 in infants).
+    heart_w = (68 + 14 * child) * rng.uniform(0.9, 1.12)
+    heart_centre = (28 * s * wide, 55 * s)
+    c.ellipse(heart_centre, (heart_w * s, 58 * s), -25, 0.02, "organ", "heart")
+    heart = c.masks["heart"]
+    # Remove the heart from the lung fields in pixels too: the lungs there are hidden behind it.
+    overlap = lungs_mask & heart
+    c.layers["organ"][overlap] += lung_drop
+    c.masks["lungs"] = lungs_mask & ~heart
+    if b.age < 3:  # thymus widens the upper mediastinum in infants
+        c.ellipse((-18 * s, -95 * s), (45 * s, 40 * s), 10, 0.18, "organ")
+    c.capsule((0, -300 * s), (0, -105 * s), 17 * s, -0.12, "organ")  # trachea
+    c.ellipse((24 * s, -105 * s), (20 * s, 15 * s), 0, 0.05, "organ")  # aortic knob
+    if b.age > 60 and rng.random() < 0.7:
+        c.ellipse((24 * s, -105 * s), (18 * s, 13 * s), 0, 0.25, "bone", thickness=2.5, arc=(180, 330))
+    # Thoracic spine behind the mediastinum.
+    for k in range(16):
+        y = (-290 + k * 30) * s
+        c.blob((0, y), (19 * s, 12 * s), 0, b, 0.18)
+    # Clavicles and ribs.
+    for side in (-1, 1):
+        c.bone((side * 25 * s, -170 * s), (side * 160 * s * wide, -205 * s), 17 * s, b, 0.3, None)
+        c.bone((side * 160 * s * wide, -205 * s), (side * 180 * s * wide, -190 * s), 14 * s, b, 0.3, None)
+        for i in range(10):
+            y0 = (-190 + i * (24 - 3 * child)) * s
+            reach = (150 * math.sin(math.pi * (0.28 + 0.55 * (i + 1) / 10)) + 5) * s * wide
+            drop = (60 - 30 * child) * s
+            ts = np.linspace(0, 1, 9)
+            posterior = [(side * (14 * s + reach * t), y0 - 8 * s * t + drop * t * t) for t in ts]
+            c.polyline(posterior, (9 - 2 * child) * s, 0.16 * b.density, "bone")
+            end = posterior[-1]
+            anterior = [
+                (end[0] - side * reach * t * 0.7, end[1] + 8 * s * t + (40 - 10 * child) * s * math.sin(t * 1.4))
+                for t in ts
+            ]
+            c.polyline(anterior, 7 * s, 0.06 * b.density, "bone")
+        # Scapula edge and humeral head at the upper corners.
+        c.polyline([(side * 120 * s, -185 * s), (side * 150 * s, -60 * s)], 4 * s, 0.12 * b.density, "bone")
+        if b.age > 0.5:
+            c.blob((side * 205 * s * wide, -175 * s), (27 * s, 27 * s), 0, b, 0.35)
+
+
+def _vertebra(c: Canvas, b: Body, centre: Point, w: float, h: float, density: float = 0.3) -> None:
+    """A lumbar vertebra seen AP: body with end plates, pedicle rings, spinous and transverse processes."""
+    x, y = centre
+    c.blob((x, y), (w / 2, h / 2), 0, b, density)
+    dens = density * b.density
+    c.capsule((x - w * 0.42, y - h / 2), (x + w * 0.42, y - h / 2), 2.0, dens * 0.6, "bone")  # end plates
+    c.capsule((x - w * 0.42, y + h / 2), (x + w * 0.42, y + h / 2), 2.0, dens * 0.6, "bone")
+    for side in (-1, 1):
+        c.ellipse((x + side * w * 0.33, y - h * 0.2), (w * 0.1, h * 0.17), 0, dens * 0.7, "bone", thickness=2.2)
+        c.capsule((x + side * w * 0.45, y - h * 0.05), (x + side * w * 0.95, y - h * 0.1), h * 0.22, dens * 0.5)
+    c.ellipse((x, y + h * 0.3), (w * 0.08, h * 0.28), 0, dens * 0.6, "bone")
+
+
+def _lspine(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    c.polygon(_scaled([(-175, -260), (175, -260), (180, 260), (-180, 260)], s), 0.6, "soft")
+    for side in (-1, 1):  # psoas shadows fan out from the spine
+        c.polygon(_scaled([(side * 25, -120), (side * 45, -120), (side * 95, 150), (side * 60, 160)], s), 0.05, "soft")
+    _bowel_gas(c, rng, s, count=int(rng.integers(3, 10)), area=(170, 220))
+    disc = (6.0 if b.age > 60 else 9.0 + 2 * (b.age < 16)) * s
+    height = 27 * s
+    curve = rng.uniform(-1, 1) * (10 if b.age > 55 or 10 < b.age < 18 else 4)
+    y = -175 * s
+    for level in range(6):  # T12 .. L5
+        w = (42 + 3 * level) * s
+        x = curve * math.sin(math.pi * level / 5) * s
+        _vertebra(c, b, (x, y), w, height)
+        if b.age > 55:  # osteophytes at the body corners
+            for side in (-1, 1):
+                c.polygon(
+                    [
+                        (x + side * w / 2, y + height / 2),
+                        (x + side * (w / 2 + 5 * s), y + height / 2 + 2),
+                        (x + side * w / 2, y + height / 2 - 5 * s),
+                    ],
+                    0.3 * b.density,
+                )
+        if level == 0:
+            for side in (-1, 1):
+                c.polyline([(x + side * w * 0.9, y), (side * 110 * s, y + 60 * s)], 8 * s, 0.15 * b.density)
+        y += height + disc
+    _sacrum_and_wings(c, b, rng, top=y + 5 * s, s=s)
+
+
+def _sacrum_and_wings(c: Canvas, b: Body, rng: np.random.Generator, top: float, s: float) -> None:
+    dens = b.density
+    c.polygon([(-50 * s, top), (50 * s, top), (0, top + 120 * s)], 0.25 * dens)
+    for k in range(4):
+        for side in (-1, 1):
+            c.ellipse((side * 20 * s, top + (18 + 22 * k) * s), (5 * s, 4 * s), 0, -0.1 * dens)
+    flare = 1.1 if b.female else 1.0
+    for side in (-1, 1):
+        wing = [(45, 10), (80, -40), (140 * flare, -45), (165 * flare, -5), (150 * flare, 60), (95, 110), (55, 90)]
+        pts = [(side * x * s, top + y * s) for x, y in _jitter(rng, wing, 3)]
+        c.polygon(pts, 0.22 * dens)
+        c.polyline([*pts, pts[0]], 4 * s, 0.15 * dens)
+
+
+def _bowel_gas(c: Canvas, rng: np.random.Generator, s: float, count: int, area: Point) -> None:
+    for _ in range(count):
+        x, y = rng.uniform(-area[0], area[0]) * s, rng.uniform(-area[1], area[1]) * s
+        pts = [(x, y)]
+        for _ in range(int(rng.integers(1, 5))):
+            x += rng.uniform(-40, 40) * s
+            y += rng.uniform(-40, 40) * s
+            pts.append((x, y))
+        c.polyline(pts, rng.uniform(10, 28) * s, -rng.uniform(0.06, 0.2), "organ")
+
+
+def _abdomen(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    c.polygon(_scaled([(-165, -280), (165, -280), (185, 0), (195, 280), (-195, 280), (-185, 0)], s), 0.6, "soft")
+    c.polygon(_scaled([(-175, -280), (10, -280), (-20, -140), (-170, -60)], s), 0.06, "organ")  # liver
+    for side, dy in ((-1, 15), (1, 0)):  # kidneys
+        c.ellipse((side * 65 * s, (-95 + dy) * s), (28 * s, 55 * s), side * -15, 0.03, "organ")
+    _bowel_gas(c, rng, s, count=int(rng.integers(8, 22)) + (8 if b.age < 10 else 0), area=(150, 200))
+    height, disc = 24 * s, 8 * s
+    y = -170 * s
+    for level in range(5):
+        _vertebra(c, b, (0, y), (38 + 3 * level) * s, height, 0.25)
+        y += height + disc
+    for side in (-1, 1):  # lowest ribs
+        for i in range(2):
+            c.polyline(
+                [(side * 40 * s, (-270 + 30 * i) * s), (side * 150 * s, (-200 + 40 * i) * s)], 8 * s, 0.1 * b.density
+            )
+    _sacrum_and_wings(c, b, rng, top=y + 5 * s, s=s)
+
+
+def _pelvis(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    c.polygon(_scaled([(-215, -220), (215, -220), (230, 220), (-230, 220)], s), 0.6, "soft")
+    _bowel_gas(c, rng, s, count=int(rng.integers(2, 8)), area=(150, 90))
+    dens = b.density
+    wide = 1.12 if b.female and b.age >= 12 else 1.0
+    _vertebra(c, b, (0, -150 * s), 52 * s, 30 * s)
+    c.polygon(_scaled([(-55, -125), (55, -125), (0, 20)], s), 0.25 * dens)  # sacrum
+    plate = b.plate(16.5)
+    for side in (-1, 1):
+        wing: list[Point] = [
+            (50, -120),
+            (85, -165),
+            (150, -175),
+            (185, -130),
+            (170, -60),
+            (120, -10),
+            (75, 10),
+            (45, -60),
+        ]
+        wing = [(x * wide, y) for x, y in wing]
+        pts = _scaled(_jitter(rng, [(side * x, y) for x, y in wing], 3), s)
+        c.polygon(pts, 0.2 * dens)
+        c.polyline([*pts, pts[0]], 4 * s, 0.15 * dens)
+        # Pelvic brim (inlet outline): rounder and wider in women.
+        c.ellipse(
+            (0, -45 * s),
+            (100 * s * wide, (75 if b.female else 65) * s),
+            0,
+            0.2 * dens,
+            "bone",
+            thickness=5 * s,
+            arc=(0, 180) if side > 0 else (180, 360),
+        )
+        # Pubic and ischial rami around the obturator foramen; wider subpubic angle in women.
+        ox = side * (52 + (12 if b.female else 0)) * s
+        c.ellipse((ox, 70 * s), (28 * s * wide, 36 * s), side * -20, 0.3 * dens, "bone", thickness=11 * s)
+        head = (side * 108 * s * wide, 10 * s)
+        c.ellipse((head[0], head[1] - 5 * s), (36 * s, 36 * s), 0, 0.2 * dens, "bone", thickness=6 * s, arc=(180, 360))
+        if plate > 0.3:  # triradiate cartilage of the acetabulum
+            c.capsule((head[0] - side * 25 * s, head[1] - 20 * s), (head[0], head[1]), 3 * s, -0.2 * dens)
+        # Proximal femur: head (a late ossification centre in infants), neck, trochanter and shaft.
+        size = b.ossified(0.4)
+        if size > 0:
+            c.blob(head, (27 * s * size, 27 * s * size), 0, b, 0.45)
+        neck_end = (side * 150 * s * wide, 55 * s)
+        start = _along(head, side * 135, (30 + 6 * plate) * s)
+        c.bone(start, neck_end, 30 * s, b, 0.4, None)
+        c.blob((side * 170 * s * wide, 50 * s), (20 * s, 25 * s), 0, b, 0.4)
+        c.bone(neck_end, (side * 155 * s * wide, 260 * s), 34 * s, b, 0.45, None)
+    if plate > 0:
+        c.capsule((0, 50 * s), (0, 95 * s), 6 * s * plate, -0.15 * dens)  # open symphysis in children
+
+
+def _skull(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    # The cranium grows little after infancy; the face grows a lot.
+    head = float(np.interp(b.age, [0, 1, 3, 10, 18], [0.68, 0.8, 0.87, 0.95, 1.0])) * rng.uniform(0.95, 1.05)
+    face = float(np.interp(b.age, [0, 2, 6, 12, 18], [0.45, 0.55, 0.7, 0.85, 1.0]))
+    dens = b.density
+    c.ellipse((0, -10 * head), (80 * head, 100 * head), 0, 0.6, "soft")
+    c.ellipse((0, 70 * face), (60 * face, 65 * face), 0, 0.45, "soft")
+    c.ellipse((0, -25 * head), (76 * head, 92 * head), 0, 0.42 * dens, "bone")
+    c.ellipse((0, -25 * head), (68 * head, 84 * head), 0, -0.32 * dens, "bone")
+    if b.age < 1.5:  # anterior fontanelle and open sutures
+        c.ellipse((0, -105 * head), (14 * head, 10 * head), 0, -0.2 * dens, "bone")
+        c.polyline([(0, -110 * head), (0, -20 * head)], 3, -0.12 * dens)
+        c.ellipse((0, -25 * head), (72 * head, 88 * head), 0, -0.1 * dens, "bone", thickness=2.5, arc=(200, 340))
+    elif b.age < 20:
+        c.polyline([(0, -115 * head), (0, -40 * head)], 1.5, -0.06 * dens)
+    top = 20 * head - 10 * face
+    # Petrous ridges across the orbits, orbits, nasal cavity, sinuses.
+    for side in (-1, 1):
+        c.polyline([(side * 70 * head, top + 30 * face), (side * 15 * face, top + 5 * face)], 7 * face, 0.25 * dens)
+        c.ellipse((side * 30 * face, top), (17 * face, 18 * face), 0, 0.2 * dens, "bone", thickness=3.5 * face)
+        c.ellipse((side * 30 * face, top), (15 * face, 16 * face), 0, -0.1, "organ")
+        if b.age > 6:
+            sinus = min((b.age - 6) / 10, 1.0)
+            c.ellipse((side * 28 * face, top + 40 * face), (16 * face * sinus, 18 * face * sinus), 0, -0.15, "organ")
+    c.polygon([(0, top + 8 * face), (-12 * face, top + 50 * face), (12 * face, top + 50 * face)], -0.12, "organ")
+    # Mandible and teeth.
+    jaw = [(-55, 25), (-52, 70), (-35, 98), (0, 108), (35, 98), (52, 70), (55, 25)]
+    c.polyline([(x * face, top + y * face) for x, y in jaw], 10 * face, 0.3 * dens, "bone")
+    edentulous = b.age > 70 and rng.random() < 0.5
+    if b.age >= 0.5 and not edentulous:
+        for row, y in ((0, 62), (1, 78)):
+            for k in range(-7, 8):
+                x = k * 5.6 * face
+                c.capsule(
+                    (x, top + (y - 6 + 2 * row) * face),
+                    (x, top + (y + 6 - 2 * row) * face),
+                    4.5 * face,
+                    0.45 * dens,
+                    "bone",
+                )
+    if 0.5 < b.age < 12:  # permanent tooth buds waiting in the jaws
+        for k in range(-5, 6, 2):
+            c.ellipse((k * 6.5 * face, top + 92 * face), (4 * face, 4 * face), 0, 0.3 * dens)
+    c.polyline(
+        [(-60 * face, top + 150 * face), (0, top + 150 * face), (60 * face, top + 150 * face)], 30 * face, 0.4, "soft"
+    )  # neck
+
+
+def _shoulder(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    dens = b.density
+    c.polygon(_scaled([(-200, -150), (110, -110), (115, 160), (-200, 160)], s), 0.55, "soft")
+    c.polygon(_scaled([(-200, -30), (-75, -50), (-60, 40), (-70, 160), (-200, 160)], s), -0.25, "organ")  # lung
+    for i in range(6):
+        y = (-80 + 45 * i) * s
+        c.polyline([(-200 * s, y - 40 * s), (-110 * s, y), (-60 * s, y + 40 * s)], 8 * s, 0.12 * dens)
+    c.polygon(_scaled([(5, -40), (-70, -30), (-35, 130)], s), 0.1 * dens)  # scapula body
+    c.polyline(_scaled([(5, -40), (-35, 130)], s), 5 * s, 0.2 * dens)
+    c.blob((8 * s, -5 * s), (8 * s, 24 * s), 0, b, 0.35)  # glenoid
+    c.bone((-200 * s, -95 * s), (25 * s, -70 * s), 19 * s, b, 0.35, None)  # clavicle
+    c.bone((-10 * s, -60 * s), (55 * s, -58 * s), 17 * s, b, 0.3, None)  # acromion
+    c.blob((-15 * s, -30 * s), (9 * s, 9 * s), 0, b, 0.3)  # coracoid
+    plate = b.plate(18.5)
+    head = (42 * s, -5 * s)
+    if b.ossified(0.3) > 0:
+        size = b.ossified(0.3)
+        c.blob(head, (30 * s * size, 29 * s * size), 0, b, 0.45)
+    shaft_top = (50 * s, (15 + 10 * plate) * s)
+    c.bone(shaft_top, (70 * s, 220 * s), 30 * s, b, 0.45, None)
+    c.blob((68 * s, 10 * s), (12 * s, 16 * s), 0, b, 0.35)  # greater tuberosity
+
+
+def _hand(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    spread = rng.uniform(0.7, 1.3)
+    bases = [(-30, 62), (-16, 52), (-3, 49), (9, 52), (20, 58)]
+    angles = [-38 * spread, -11 * spread, 0, 8 * spread, 18 * spread]
+    lengths: list[list[float]] = [
+        [46, 32, 0, 24],
+        [68, 40, 23, 18],
+        [65, 45, 27, 19],
+        [58, 42, 25, 19],
+        [53, 33, 18, 17],
+    ]
+    widths: list[list[float]] = [[12, 10, 0, 9], [10, 9.5, 8, 7], [10, 10, 8.5, 7], [9, 9, 8, 7], [8.5, 8, 7, 6.5]]
+    shift_y = -25.0
+    # Soft tissue follows the bones; the palm is one polygon.
+    palm = [(-38, 70), (-30, 40), (-20, -20), (28, -15), (30, 50), (24, 95), (-22, 100)]
+    c.polygon([(x * s, (y + shift_y) * s) for x, y in palm], 0.35, "soft")
+    c.capsule((0, (90 + shift_y) * s), (2 * s, (200 + shift_y) * s), 60 * s, 0.35, "soft")
+    gap = (2.8 if b.age < 65 else 1.8) * s
+    for ray in range(5):
+        base = (bases[ray][0] * s, (bases[ray][1] + shift_y) * s)
+        lens = [v * s for v in lengths[ray]]
+        tip = _along(base, angles[ray], sum(lens) + 8 * s)
+        c.capsule(_along(base, angles[ray], 25 * s), tip, (widths[ray][1] + 9) * s, 0.35, "soft")
+        # Metacarpal 1 has its epiphysis at the base, metacarpals 2-5 at the head; phalanges at the base.
+        epi = ["base" if ray == 0 else "head", "base", "base", "base"]
+        _ray(c, b, base, angles[ray], lens, [w * s for w in widths[ray]], epi, onset=1.2, fuse_age=16.5, gap=gap)
+    # Carpal bones appear one by one through childhood: a classic bone-age sign.
+    carpals = [
+        ((-2, 76), (8, 10), 0, 0.2),  # capitate
+        ((11, 77), (7, 9), 10, 0.3),  # hamate
+        ((18, 90), (6, 6), 0, 2.5),  # triquetrum
+        ((4, 92), (7, 6), 0, 4.0),  # lunate
+        ((-23, 76), (7, 7), 0, 5.0),  # trapezium
+        ((-13, 73), (5, 6), 0, 5.5),  # trapezoid
+        ((-13, 89), (6, 10), -50, 6.0),  # scaphoid
+        ((20, 82), (4, 4), 0, 10.0),  # pisiform
+    ]
+    for (x, y), (ax, ay), ang, onset in carpals:
+        size = b.ossified(onset)
+        if size > 0:
+            c.blob((x * s, (y + shift_y) * s), (ax * s * size, ay * s * size), ang, b, 0.42, "bones")
+    # Distal radius and ulna with their epiphyses.
+    for x, width, onset in ((-10, 24, 1.0), (17, 14, 6.0)):
+        top = (x * s, (104 + shift_y) * s)
+        plate = b.plate(17.5)
+        size = b.ossified(onset)
+        if plate > 0:
+            shaft_top = (x * s, (104 + 10 * s + 2 * plate + shift_y) * s)
+            c.bone(shaft_top, (x * s, (250 + shift_y) * s), width * s, b, 0.45)
+            if size > 0:
+                c.blob((top[0], top[1] + 3 * s), (width * 0.5 * s * size, 4.5 * s * size), 0, b, 0.42, "bones")
+        else:
+            c.bone(top, (x * s, (250 + shift_y) * s), width * s, b, 0.45)
+
+
+def _knee(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    dens = b.density
+    c.polygon(_scaled([(-75, -200), (75, -200), (62, 0), (55, 200), (-55, 200), (-62, 0)], s), 0.6, "soft")
+    plate_f, plate_t = b.plate(17.5), b.plate(17.0)
+    gap = ((7 if b.age > 16 else 9) - (3 if b.age > 65 else 0)) * s
+    # Femur: shaft, metaphysis, and condyles (epiphysis) below the physis in children.
+    c.bone((0, -200 * s), (0, -60 * s), 30 * s, b, 0.45)
+    c.polygon(_scaled([(-15, -70), (15, -70), (40, -25), (-40, -25)], s), 0.35 * dens, mask="bones")
+    epi_size = b.ossified(0.0) if b.age > 0.05 else 0.6
+    phys_f = (2 + 4 * plate_f) * s * (plate_f > 0)
+    for side in (-1, 1):
+        c.blob(
+            (side * 20 * s, (-5 * s) - gap / 2 + phys_f * 0),
+            (22 * s * epi_size, (20 - 4 * plate_f) * s * epi_size),
+            0,
+            b,
+            0.4,
+            "bones",
+        )
+    if plate_f > 0:
+        c.capsule((-40 * s, -27 * s), (40 * s, -27 * s), phys_f, -0.35 * dens)
+    c.ellipse((0, -8 * s), (6 * s, 10 * s), 0, -0.12 * dens)  # intercondylar notch
+    if b.ossified(4.0) > 0:  # patella, faint through the femur
+        size = b.ossified(4.0)
+        c.ellipse((3 * s, -40 * s), (21 * s * size, 25 * s * size), 0, 0.12 * dens, "bone", "bones")
+    # Tibia and fibula.
+    top_t = 15 * s + gap / 2
+    c.polygon(
+        [(-42 * s, top_t), (42 * s, top_t), (30 * s, top_t + 40 * s), (-30 * s, top_t + 40 * s)],
+        0.38 * dens,
+        mask="bones",
+    )
+    c.capsule((-40 * s, top_t), (40 * s, top_t), 3.5 * s, 0.2 * dens)  # plateau subchondral plate
+    if plate_t > 0:
+        c.capsule((-36 * s, top_t + 18 * s), (36 * s, top_t + 18 * s), (2 + 4 * plate_t) * s, -0.35 * dens)
+    c.bone((0, top_t + 35 * s), (0, 220 * s), 32 * s, b, 0.45)
+    c.blob((38 * s, top_t + 30 * s), (10 * s, 12 * s), 0, b, 0.35, "bones")
+    c.bone((37 * s, top_t + 45 * s), (33 * s, 220 * s), 12 * s, b, 0.4)
+    if b.age > 60 and rng.random() < 0.7:  # marginal osteophytes
+        for side in (-1, 1):
+            c.polygon(
+                [(side * 42 * s, top_t), (side * 50 * s, top_t - 4 * s), (side * 42 * s, top_t + 8 * s)], 0.3 * dens
+            )
+
+
+def _foot(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    shift_y = -20.0
+    c.polygon(
+        _scaled([(-45, 170), (-50, 40), (-48, -90), (-20, -135), (45, -110), (48, 40), (35, 170)], s), 0.45, "soft"
+    )
+    tarsals = [
+        ((5, 125), (24, 28), 0, 0.0),  # calcaneus (seen through the talus)
+        ((-5, 100), (20, 22), 0, 0.0),  # talus
+        ((25, 70), (13, 16), 10, 0.1),  # cuboid
+        ((16, 42), (7, 11), 0, 1.0),  # lateral cuneiform
+        ((-26, 40), (9, 13), 0, 2.0),  # medial cuneiform
+        ((-8, 42), (6, 10), 0, 3.0),  # intermediate cuneiform
+        ((-12, 66), (20, 8), -10, 3.0),  # navicular
+    ]
+    for (x, y), (ax, ay), ang, onset in tarsals:
+        size = b.ossified(onset)
+        if size > 0:
+            c.blob((x * s, (y + shift_y) * s), (ax * s * size, ay * s * size), ang, b, 0.38)
+    bases = [(-26, 25), (-9, 28), (4, 30), (16, 32), (27, 40)]
+    angles = [-6, -3, 2, 8, 15]
+    lengths: list[list[float]] = [[62, 30, 0, 24], [72, 25, 12, 9], [66, 22, 11, 9], [63, 20, 10, 8], [60, 18, 9, 8]]
+    widths: list[list[float]] = [[20, 15, 0, 13], [11, 8, 7, 7], [11, 8, 7, 6.5], [10, 8, 7, 6.5], [11, 8, 7, 6.5]]
+    for ray in range(5):
+        base = (bases[ray][0] * s, (bases[ray][1] + shift_y) * s)
+        lens = [v * s for v in lengths[ray]]
+        tip = _along(base, angles[ray], sum(lens) + 6 * s)
+        c.capsule(_along(base, angles[ray], 40 * s), tip, (widths[ray][1] + 10) * s, 0.3, "soft")
+        epi = ["base" if ray == 0 else "head", "base", "base", "base"]
+        _ray(
+            c,
+            b,
+            base,
+            angles[ray],
+            lens,
+            [w * s for w in widths[ray]],
+            epi,
+            onset=2.0,
+            fuse_age=16.0,
+            gap=2.6 * s,
+            density=0.4,
+        )
+    if b.age > 10:  # sesamoids under the first metatarsal head
+        head = _along((bases[0][0] * s, (bases[0][1] + shift_y) * s), angles[0], 58 * s)
+        for dx in (-5, 5):
+            c.blob((head[0] + dx * s, head[1]), (4 * s, 5 * s), 0, b, 0.35)
+
+
+_PARTS: dict[str, Callable[[Canvas, Body, np.random.Generator], None]] = {
+    "chest": _chest,
+    "abdomen": _abdomen,
+    "pelvis": _pelvis,
+    "skull": _skull,
+    "lspine": _lspine,
+    "shoulder": _shoulder,
+    "hand": _hand,
+    "knee": _knee,
+    "foot": _foot,
+}
+
+
+def default_shape(body_part: str, long_side: int) -> tuple[int, int]:
+    """(rows, cols) with the body part's usual detector aspect and `long_side` pixels on the long side."""
+    height, width = FIELD_MM[body_part]
+    if height >= width:
+        return long_side, max(round(long_side * width / height), 1)
+    return max(round(long_side * height / width), 1), long_side
+
+
+def field_of_view(body_part: str, body: Body) -> float:
+    """Long side of the detector field in mm: children get smaller cassettes, yet fill less of the frame."""
+    return max(FIELD_MM[body_part]) * (0.55 + 0.45 * body.scale)
+
+
+def render_attenuation(
+    body_part: str,
+    age: float,
+    sex: str | None,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    laterality: str | None = None,
+    field_mm: float | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """Draw one phantom at working resolution.
+
+    Returns:
+        attenuation (float32, about 0..1.5, higher = more attenuation), boolean masks at working resolution,
+        and the output pixel spacing in mm for `shape`.
+    """
+    if body_part not in _PARTS:
+        raise ValueError(f"unknown body part '{body_part}'; known: {', '.join(BODY_PARTS)}")
+    body = Body(age=float(age), sex=sex)
+    rows, cols = shape
+    fov_long = field_of_view(body_part, body) * rng.uniform(0.93, 1.07) if field_mm is None else float(field_mm)
+    mm_per_px_out = fov_long / max(rows, cols)
+    factor = min(1.0, _WORK_LONG_SIDE / max(rows, cols))
+    work = (max(round(rows * factor), 8), max(round(cols * factor), 8))
+    mm_per_px = fov_long / max(work)
+    canvas = Canvas(
+        work,
+        mm_per_px,
+        rotation_deg=float(rng.normal(0.0, 3.0)),
+        shift_mm=(float(rng.normal(0.0, 0.02 * fov_long)), float(rng.normal(0.0, 0.02 * fov_long))),
+    )
+    _PARTS[body_part](canvas, body, rng)
+    att = canvas.render(mm_per_px)
+    # Trabecular texture: low-amplitude band-passed noise modulating bone only.
+    texture = cv2.GaussianBlur(rng.standard_normal(work, dtype=np.float32), (0, 0), max(0.7 / mm_per_px, 0.5))
+    bone = canvas.layers["bone"]
+    att += 0.6 * texture * np.clip(cv2.GaussianBlur(bone, (0, 0), 1.0), 0, 0.5)
+    masks = {name: m for name, m in canvas.masks.items() if not name.startswith("_")}
+    if body_part in SIDED and laterality == "L":
+        att = np.ascontiguousarray(att[:, ::-1])
+        masks = {name: np.ascontiguousarray(m[:, ::-1]) for name, m in masks.items()}
+    return att, masks, mm_per_px_out
+
+
+def _add_markers(att: np.ndarray, laterality: str | None, rng: np.random.Generator) -> None:
+    """A lead side marker in a corner, as technologists place them."""
+    if laterality is None or rng.random() < 0.25:
+        return
+    rows, cols = att.shape
+    scale = max(rows, cols) / 400.0
+    x = int(cols * (0.06 if rng.random() < 0.5 else 0.86))
+    y = int(rows * (0.1 if rng.random() < 0.5 else 0.94))
+    marker = np.zeros(att.shape, np.uint8)  # putText draws on 8-bit images only
+    cv2.putText(marker, laterality, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.2 * scale, 255, max(int(3 * scale), 1))
+    att += marker.astype(np.float32) / 255.0
+
+
+def _collimate(att: np.ndarray, rng: np.random.Generator) -> None:
+    """Shutter edges: outside the collimated field the detector saw little radiation (bright in MONOCHROME2)."""
+    rows, cols = att.shape
+    top, bottom = int(rows * rng.uniform(0, 0.08)), int(rows * (1 - rng.uniform(0, 0.08)))
+    left, right = int(cols * rng.uniform(0, 0.1)), int(cols * (1 - rng.uniform(0, 0.1)))
+    outside = np.ones_like(att)
+    outside[top:bottom, left:right] = 0.0
+    level = float(rng.uniform(1.1, 1.4))
+    att[:] = att * (1 - outside) + (level + 0.2 * att) * outside
+
+
+def make_radiograph(
+    body_part: str,
+    age: float,
+    sex: str | None,
+    size: int | tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    bits_stored: int = 12,
+    laterality: str | None = None,
+    collimate: bool | None = None,
+    field_mm: float | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One synthetic radiograph as stored MONOCHROME2 values (higher = more attenuation).
+
+    Args:
+        body_part: one of `BODY_PARTS`.
+        age: age in years (fractions allowed); drives size, growth plates, ossification and bone density.
+        sex: "M", "F", "O" or None; drives pelvis shape and breast shadows.
+        size: long side in pixels (aspect from the usual detector) or (rows, cols).
+        rng: the only source of randomness, so a seeded generator gives identical pixels.
+        bits_stored: values use the range 0 .. 2**bits_stored - 1.
+        laterality: "L" mirrors a sided part (hand, knee, foot, shoulder) and prints an "L" marker.
+        collimate: add shutter edges (None: at random for extremities).
+        field_mm: long side of the field of view in mm (pixel spacing = field_mm / long side); None draws a
+            typical one for the body part and age.
+
+    Returns:
+        (uint16 image of shape (rows, cols), {structure: uint8 mask 0/255 of the same shape}); masks for
+        the structures in `MASK_STRUCTURES` (e.g. "lungs" and "heart" for the chest, "bones" for the hand).
+    """
+    if body_part not in _PARTS:
+        raise ValueError(f"unknown body part '{body_part}'; known: {', '.join(BODY_PARTS)}")
+    if not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be between 8 and 16, got {bits_stored}")
+    shape = default_shape(body_part, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(shape) < 8:
+        raise ValueError(f"image size must be at least 8 pixels per side, got {shape}")
+    att, masks, _ = render_attenuation(body_part, age, sex, shape, rng, laterality=laterality, field_mm=field_mm)
+    if collimate is None:
+        collimate = body_part in SIDED and rng.random() < 0.5
+    if collimate:
+        _collimate(att, rng)
+    _add_markers(att, laterality if body_part in SIDED else None, rng)
+    # Heel effect: exposure falls off slightly along the tube axis.
+    att += np.linspace(-0.04, 0.04, att.shape[0], dtype=np.float32)[:, None] * float(rng.choice([-1, 1]))
+    rows, cols = shape
+    image = cv2.resize(att, (cols, rows), interpolation=cv2.INTER_LINEAR) if att.shape != shape else att
+    top = float(2**bits_stored - 1)
+    base = top * float(rng.uniform(0.03, 0.12))
+    gain = top * float(rng.uniform(0.45, 0.62))
+    # Quantum noise grows where fewer photons arrive (behind more attenuation).
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise *= np.float32(top * 0.004) * (1.0 + np.clip(image, 0, 2))
+    image = base + gain * image + noise
+    out = np.clip(np.rint(image), 0, top).astype(np.uint16)
+    full_masks: dict[str, np.ndarray] = {}
+    for name in MASK_STRUCTURES.get(body_part, ()):
+        m: np.ndarray = masks.get(name, np.zeros(att.shape, bool)).astype(np.float32)
+        if m.shape != shape:
+            m = cv2.resize(m, (cols, rows), interpolation=cv2.INTER_LINEAR)
+        full_masks[name] = np.where(m >= 0.5, 255, 0).astype(np.uint8)
+    return out, full_masks
