@@ -74,7 +74,8 @@ PLUGIN_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 # Codestreams that carry their own precision, which may disagree with BitsStored; pydicom only corrects
-# their sign, so their values are clipped to the declared range before MONOCHROME1 inversion.
+# their sign, so their values are clipped to the declared stored range (native, RLE and JPEG data are
+# masked to BitsStored by the decoders) before the modality LUT and the inversion rely on that range.
 _SELF_DESCRIBING = frozenset((*uid.JPEG2000TransferSyntaxes, *uid.JPEGLSTransferSyntaxes))
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -118,8 +119,8 @@ def read_pixels(ds: Dataset, *, frame_rule: FrameRule = "all", max_pixels: int =
 
     Steps: validate the pixel description and the declared size against the data present (before any
     allocation), decode with the fastest installed plugin (`PLUGIN_ORDER`, falling back in order), apply
-    the modality LUT (Rescale Slope/Intercept, from the top level or the enhanced shared/per-frame
-    functional groups, else the Modality LUT Sequence), then invert MONOCHROME1 as
+    the modality LUT (the Modality LUT Sequence, else Rescale Slope/Intercept from the top level or the
+    enhanced shared/per-frame functional groups), then invert MONOCHROME1 as
     ``new = low + high - value`` where [low, high] is `modality_range` (the modality-LUT image of the range
     BitsStored/PixelRepresentation allow), so MONOCHROME1 and MONOCHROME2 images share one direction.
 
@@ -149,6 +150,8 @@ def read_pixels(ds: Dataset, *, frame_rule: FrameRule = "all", max_pixels: int =
     rescale = _rescale(ds)
 
     arr = _decode(ds, tsyntax, index).reshape(kept, rows, cols)
+    if tsyntax in _SELF_DESCRIBING:
+        arr = _clip(arr, *_stored_range(ds))
     low, high = modality_range(ds)
     if ds.get("ModalityLUTSequence"):
         with _quiet():
@@ -156,8 +159,6 @@ def read_pixels(ds: Dataset, *, frame_rule: FrameRule = "all", max_pixels: int =
     elif rescale is not None and rescale != (1.0, 0.0):
         arr = _apply_rescale(arr, *rescale, low, high)
     if ds.PhotometricInterpretation == "MONOCHROME1":
-        if tsyntax in _SELF_DESCRIBING:
-            arr = _clip(arr, low, high)
         arr = _invert(arr, low, high)
     return arr
 
@@ -168,11 +169,7 @@ def modality_range(ds: Dataset) -> tuple[float, float]:
     Rescale maps the stored range's ends (sorted, a negative slope flips them); a Modality LUT Sequence
     gives the range of its entries; otherwise it is the stored range itself.
     """
-    bits = _int_attr(ds, "BitsStored")
-    if ds.get("PixelRepresentation", 0) == 1:
-        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    else:
-        low, high = 0, 2**bits - 1
+    low, high = _stored_range(ds)
     if ds.get("ModalityLUTSequence"):
         item = ds.ModalityLUTSequence[0]
         entries = item.LUTDescriptor[0] or 2**16
@@ -185,6 +182,13 @@ def modality_range(ds: Dataset) -> tuple[float, float]:
     slope, intercept = rescale
     ends = sorted((low * slope + intercept, high * slope + intercept))
     return ends[0], ends[1]
+
+
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    bits = _int_attr(ds, "BitsStored")
+    if ds.get("PixelRepresentation", 0) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
 
 
 def window_from_header(ds: Dataset) -> tuple[float, float] | None:

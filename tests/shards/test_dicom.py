@@ -141,6 +141,17 @@ def test_monochrome1_inversion_for_signed_rescaled_and_float_data() -> None:
     assert np.array_equal(out, (30000 + 62767) - (ds.pixel_array.astype(np.int64) + 30000))
 
 
+def test_codestream_values_beyond_bits_stored_are_clipped_before_inversion() -> None:
+    # The J2K codestream holds 12-bit values but the header now says 8 bits: pydicom returns up to 467.
+    ds = load("emri_small_jpeg_2k_lossless.dcm")
+    raw = ds.pixel_array.astype(np.int64)
+    ds.BitsStored, ds.HighBit, ds.PhotometricInterpretation = 8, 7, "MONOCHROME1"
+    assert pixel_array(ds).max() > 255
+    out = read_pixels(ds)
+    assert out.dtype == np.uint16  # no wrap-around below zero
+    assert np.array_equal(out, 255 - np.clip(raw, 0, 255))
+
+
 def test_enhanced_multiframe_rescale_comes_from_functional_groups() -> None:
     ds = load("eCT_Supplemental.dcm")  # slope/intercept only in the shared functional groups
     assert "RescaleIntercept" not in ds
