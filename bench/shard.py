@@ -1,0 +1,349 @@
+"""Sharder speed and memory measured side by side in one run: the real writer, the floor, a naive loop.
+
+    python bench/shard.py            # 1,000-file throughput archive (2500 x 2000, 12-bit), memory at 1,000 vs 10,000
+    python bench/shard.py --quick    # 100-file archive, memory at 100 vs 1,000 files: a few minutes
+
+What is compared, all on the same synthetic radiographs (`radpretrain.shards.synth.generate`):
+- shard: `radpretrain.shards.writer.shard` (what `radpretrain shard` calls: index, plan, decode, resize, PNG,
+  tar, manifest) in a child process with 1 and with 2 workers; CPU time and peak RSS of its process tree;
+- floor: `read_dicom` + `resize_longest` + cv2 16-bit PNG (level 1) in a plain loop, no tool around it;
+- naive: pydicom dcmread + apply_voi_lut + PIL LANCZOS resize + PIL PNG save, the usual tutorial code.
+"Per core" is files per CPU-second, so it means the same whether a process used one thread or several.
+Every contender finds the files in the page cache: they are read once before each timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
+
+TARGET_PER_CORE = 50.0  # files/s per core
+TARGET_FLOOR_RATIO = 1.25  # shard time per file / floor time per file
+TARGET_SCALING = 1.7  # 2 workers / 1 worker, wall clock
+TARGET_MEMORY_GROWTH = 1.15  # peak RSS at the big archive / at the small one
+PNG_LEVEL = 1
+
+
+@dataclass
+class Run:
+    """One timed contender: files handled, wall and CPU seconds, peak RSS of its process tree."""
+
+    files: int
+    wall: float
+    cpu: float
+    peak_rss: int = 0
+
+    @property
+    def per_second(self) -> float:
+        return self.files / self.wall
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.files / self.cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_shard(*args.child)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="radpretrain-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+        report(measure(args, workdir), args, cores, load)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, nargs=2, metavar=("SMALL", "BIG"), help="archive sizes (1000 10000)")
+    parser.add_argument("--shape", type=shape, default=(2500, 2000), help="throughput images, ROWSxCOLS (2500x2000)")
+    parser.add_argument(
+        "--memory-shape",
+        type=shape,
+        help="images of the SMALL-vs-BIG memory archives (1000x800: a smaller image makes any growth with the "
+        "file count stand out more, and 10,000 full-size files would need 100 GB of disk)",
+    )
+    parser.add_argument("--loop-files", type=int, help="files timed in the floor and naive loops (200)")
+    parser.add_argument("--size", type=int, default=512, help="longest side of the stored images (512)")
+    parser.add_argument("--shard-size", type=int, help="files per shard; enough units for 2 workers (SMALL/10)")
+    parser.add_argument("--workdir", help="where archives and shards go (a new temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (archives are then reused)")
+    parser.add_argument("--quick", action="store_true", help="100-file archive, memory at 100 vs 1,000 files")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)  # SRC OUT KEY PRIVATE WORKERS CONFIG_JSON
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.files = args.files or ([100, 1000] if quick else [1000, 10000])
+    args.memory_shape = args.memory_shape or ((500, 400) if quick else (1000, 800))
+    args.loop_files = args.loop_files or (40 if quick else 200)
+    args.shard_size = args.shard_size or max(1, args.files[0] // 10)
+    return args
+
+
+def shape(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 2500x2000, got '{text}'") from None
+    return rows, cols
+
+
+# Measurements.
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Run]:
+    small, big = args.files
+    results: dict[str, Run] = {}
+
+    archive = synthesize(workdir, small, args.shape)
+    files = radiographs(archive)
+    loop = files[: args.loop_files]
+    results["shard1"] = run_shard(archive, workdir, 1, args)
+    results["shard2"] = run_shard(archive, workdir, 2, args)
+    results["floor"] = timed_loop(floor_one, loop, args.size)
+    results["naive"] = timed_loop(naive_one, loop, args.size)
+    if tuple(args.memory_shape) != tuple(args.shape) and not args.keep:
+        shutil.rmtree(archive)
+
+    for count in (small, big):
+        archive = synthesize(workdir, count, args.memory_shape)
+        results[f"memory{count}"] = run_shard(archive, workdir, 1, args)
+        if not args.keep:
+            shutil.rmtree(archive)
+    return results
+
+
+def synthesize(workdir: Path, count: int, image_shape: tuple[int, int]) -> Path:
+    from radpretrain.shards import synth
+
+    root = workdir / f"archive-{count}-{image_shape[0]}x{image_shape[1]}"
+    need = int(count * image_shape[0] * image_shape[1] * 2 * 1.05) + 2**30
+    free = shutil.disk_usage(workdir).free
+    if not (root / synth.SYNTH_JSON).exists() and free < need:
+        sys.exit(
+            f"bench/shard.py: a {count}-file {image_shape[0]}x{image_shape[1]} archive needs about {need / 2**30:.0f} "
+            f"GB but {workdir} has {free / 2**30:.0f} GB free; pass --files/--memory-shape smaller or --workdir"
+        )
+    print(f"synthesizing {count} files of {image_shape[0]}x{image_shape[1]} (12-bit, uncompressed) ...", flush=True)
+    synth.generate(
+        root,
+        count,
+        shape=image_shape,
+        bits_stored=12,
+        syntaxes=["ExplicitVRLittleEndian"],
+        workers=len(os.sched_getaffinity(0)),
+        progress=True,
+    )
+    return root
+
+
+def radiographs(root: Path) -> list[Path]:
+    from radpretrain.shards.synth import SynthSummary
+
+    return sorted(SynthSummary.load(root).radiographs)
+
+
+def prime(paths: list[Path]) -> None:
+    """Read every file once so each contender starts with them in the page cache."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 22):
+                pass
+
+
+def run_shard(archive: Path, workdir: Path, workers: int, args: argparse.Namespace) -> Run:
+    """The real writer in a child process: wall, CPU (rusage of the finished tree) and polled tree RSS."""
+    import psutil
+
+    from radpretrain.shards import synth
+
+    prime([p for p in archive.rglob("*") if p.is_file()])
+    out = workdir / f"out-{archive.name}-w{workers}"
+    private = workdir / f"private-{archive.name}-w{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(private, ignore_errors=True)
+    config = json.dumps({"size": args.size, "shard_size": args.shard_size})
+    command = [sys.executable, __file__, "--child", str(archive), str(out), str(workdir / "key")]
+    command += [str(private), str(workers), config]
+    print(f"shard: {archive.name} with {workers} worker(s) ...", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    peak = [0]
+    watcher = threading.Thread(target=watch_rss, args=(psutil.Process(child.pid), peak), daemon=True)
+    watcher.start()
+    stdout, _ = child.communicate()
+    wall = time.perf_counter() - started
+    watcher.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if child.returncode != 0:
+        sys.exit(f"bench/shard.py: the shard run failed (exit {child.returncode})")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    expected = synth.SynthSummary.load(archive).counts.get("radiograph", 0)
+    if summary["written"] != expected:
+        sys.exit(f"bench/shard.py: the shard run wrote {summary['written']} files, expected {expected}")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(private, ignore_errors=True)
+    return Run(files=summary["written"], wall=wall, cpu=cpu, peak_rss=peak[0])
+
+
+def watch_rss(process: psutil.Process, peak: list[int], interval: float = 0.05) -> None:
+    """Poll the summed RSS of a process and its descendants until it exits; keep the maximum."""
+    import psutil
+
+    while True:
+        try:
+            tree = [process, *process.children(recursive=True)]
+            total = 0
+            for member in tree:
+                try:
+                    total += member.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+            peak[0] = max(peak[0], total)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(interval)
+
+
+def child_shard(src: str, out: str, key: str, private: str, workers: str, config_json: str) -> int:
+    from radpretrain.shards.plan import ShardConfig
+    from radpretrain.shards.writer import shard
+
+    config = ShardConfig(**json.loads(config_json))
+    summary = shard(src, out, config, key=key, private_dir=private, workers=int(workers), progress=False)
+    assert summary.manifest is not None
+    counts = summary.manifest["counts"]
+    print(json.dumps({"files_seen": counts["files_seen"], "written": counts["written"], "seconds": summary.seconds}))
+    return 0
+
+
+def timed_loop(one: Callable[[Path, int], None], paths: list[Path], size: int) -> Run:
+    import cv2
+
+    cv2.setNumThreads(1)  # per-core numbers, like the writer's workers
+    prime(paths)
+    print(f"{one.__name__.replace('_one', '')}: {len(paths)} files ...", flush=True)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for path in paths:
+        one(path, size)
+    return Run(files=len(paths), wall=time.perf_counter() - wall, cpu=time.process_time() - cpu)
+
+
+#: Seconds the floor loop spent in each stage, for the breakdown under the table.
+FLOOR_STAGES: dict[str, float] = {"read_dicom": 0.0, "resize_longest": 0.0, "PNG encode": 0.0}
+
+
+def floor_one(path: Path, size: int) -> None:
+    """Decode + resize + 16-bit PNG at level 1 with the library's own pieces and nothing else."""
+    import cv2
+    import numpy as np
+
+    from radpretrain.shards.dicom import read_dicom, resize_longest
+
+    started = time.perf_counter()
+    _, frames = read_dicom(path)
+    decoded = time.perf_counter()
+    FLOOR_STAGES["read_dicom"] += decoded - started
+    for frame in frames:
+        small = resize_longest(frame, size)
+        resized = time.perf_counter()
+        FLOOR_STAGES["resize_longest"] += resized - decoded
+        stored = small if small.dtype == np.uint16 else small.astype(np.uint16)
+        ok, _png = cv2.imencode(".png", stored, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+        assert ok
+        decoded = time.perf_counter()
+        FLOOR_STAGES["PNG encode"] += decoded - resized
+
+
+def naive_one(path: Path, size: int) -> None:
+    """The usual tutorial loop: pixel_array, apply_voi_lut, rescale to 16 bits, PIL resize and PNG save."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+    from pydicom.pixels import apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    values = apply_voi_lut(ds.pixel_array, ds)
+    low, high = float(values.min()), float(values.max())
+    image = Image.fromarray(((values - low) / max(high - low, 1.0) * 65535).astype(np.uint16))
+    scale = size / max(image.size)
+    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.Resampling.LANCZOS)
+    image.save(io.BytesIO(), "PNG")
+
+
+# The table.
+
+
+def report(results: dict[str, Run], args: argparse.Namespace, cores: int, load: float) -> None:
+    small, big = args.files
+    shard1, shard2, floor, naive = (results[k] for k in ("shard1", "shard2", "floor", "naive"))
+    mem_small, mem_big = results[f"memory{small}"], results[f"memory{big}"]
+    floor_ratio = (shard1.cpu / shard1.files) / (floor.cpu / floor.files)
+    scaling = shard2.per_second / shard1.per_second
+    growth = mem_big.peak_rss / mem_small.peak_rss
+    rows, cols = args.shape
+    mrows, mcols = args.memory_shape
+    mib = 2**20
+
+    def verdict(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    lines = [
+        "",
+        f"Sharder benchmark: {small} synthetic {rows}x{cols} 12-bit uncompressed radiographs -> {args.size} px "
+        f"16-bit PNG shards ({args.shard_size} files per shard); {cores} cores, "
+        f"load average {load:.1f} at the start. Floor and naive loops: {floor.files} files.",
+        "",
+        "| measurement | measured | target | met |",
+        "|---|---|---|---|",
+        f"| shard, 1 worker: files/s per core | {shard1.per_cpu_second:.1f} ({shard1.per_second:.1f} files/s wall) "
+        f"| >= {TARGET_PER_CORE:.0f} | {verdict(shard1.per_cpu_second >= TARGET_PER_CORE)} |",
+        f"| floor (read_dicom + resize_longest + cv2 PNG level {PNG_LEVEL}): files/s per core "
+        f"| {floor.per_cpu_second:.1f} ({floor.per_second:.1f} files/s wall) | | |",
+        f"| naive (dcmread + apply_voi_lut + PIL LANCZOS + PIL PNG): files/s per core | {naive.per_cpu_second:.1f} "
+        f"| | floor is {floor.per_cpu_second / naive.per_cpu_second:.1f}x faster |",
+        f"| shard time per file / floor time per file (CPU) | {floor_ratio:.2f} | <= {TARGET_FLOOR_RATIO} "
+        f"| {verdict(floor_ratio <= TARGET_FLOOR_RATIO)} |",
+        f"| 2 workers / 1 worker (wall files/s) | {scaling:.2f} ({shard2.per_second:.1f} vs "
+        f"{shard1.per_second:.1f}) | >= {TARGET_SCALING} | {verdict(scaling >= TARGET_SCALING)} |",
+        f"| peak RSS, shard of {small} {rows}x{cols} files, 1 / 2 workers | {shard1.peak_rss / mib:.0f} / "
+        f"{shard2.peak_rss / mib:.0f} MiB | | |",
+        f"| peak RSS, 1 worker, {small} vs {big} files of {mrows}x{mcols} | {mem_small.peak_rss / mib:.0f} vs "
+        f"{mem_big.peak_rss / mib:.0f} MiB (x{growth:.2f}) | <= x{TARGET_MEMORY_GROWTH} "
+        f"| {verdict(growth <= TARGET_MEMORY_GROWTH)} |",
+        "",
+        f"Shard rate of the memory runs: {mem_small.per_cpu_second:.1f} and {mem_big.per_cpu_second:.1f} files/s "
+        "per core. Shard numbers include indexing, planning, tar writing and the manifest; files/s per core is "
+        "files per CPU-second of the whole process tree.",
+        "Floor, wall ms per file: "
+        + ", ".join(f"{name} {seconds / floor.files * 1000:.1f}" for name, seconds in FLOOR_STAGES.items())
+        + ".",
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
