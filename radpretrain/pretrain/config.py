@@ -20,6 +20,9 @@ class DataConfig:
     batch_size: int = 64
     workers: int = 4
     shuffle: int = 1000
+    #: Write RUN/samples-rank<R>.jsonl: the sample keys (pseudonyms) of every batch each process reads,
+    #: to audit the data order and the split of shards between processes.
+    log_samples: bool = False
 
     def validate(self) -> None:
         for name in ("image_size", "batch_size"):

@@ -9,7 +9,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +52,13 @@ class PretrainModel(nn.Module):
         return self.objective(self.encoder, batch)
 
 
-def pretrain(cfg: PretrainConfig) -> RunResult:
-    """Train `cfg.encoder` on `cfg.data.shards` with `cfg.tasks` until `cfg.steps`; writes everything to `cfg.out`."""
+def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = None) -> RunResult:
+    """Train `cfg.encoder` on `cfg.data.shards` with `cfg.tasks` until `cfg.steps`; writes everything to `cfg.out`.
+
+    `batches` replaces the train shards as the data source (benchmarks, data already in memory): dicts of
+    (B, ...) tensors with the objective's views and labels, cycled if it ends. The shards still provide
+    the manifest and the probes' data; a resumed run then restarts `batches` from its beginning.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -126,20 +131,25 @@ def pretrain(cfg: PretrainConfig) -> RunResult:
         position = {"epoch": max(p["epoch"] for p in state.positions) + 1, "batches": 0}
 
     def sample_fn(seed: int) -> Callable[[dict], Any]:
-        return build_sample_fn(objective.views, cfg.augment, vocab, cfg.data.image_size, seed=seed)
+        return with_key(build_sample_fn(objective.views, cfg.augment, vocab, cfg.data.image_size, seed=seed))
 
-    batches = BatchStream(urls, sample_fn, cfg, accelerator.process_index, accelerator.device, position)
+    stream = None
+    if batches is None:
+        stream = BatchStream(urls, sample_fn, cfg, accelerator.process_index, accelerator.device, position)
+    source = stream if stream is not None else cycle_on(batches or [], accelerator.device)
+    samples_log = run_dir / f"samples-rank{accelerator.process_index}.jsonl" if cfg.data.log_samples else None
+    if samples_log is not None:
+        truncate_log(samples_log, state.step)
     unwrapped: PretrainModel = accelerator.unwrap_model(model)
     per_step = cfg.data.batch_size * cfg.optim.accumulation * accelerator.num_processes
     probe: dict[str, float] = {}
     summary = read_summary(run_dir) if main else {}
 
     bar = tqdm(total=cfg.steps, initial=state.step, desc="pretrain", unit="step", disable=not main, dynamic_ncols=True)
-    stop = StopSignal()
     tick, tick_step = time.perf_counter(), state.step
     first_step, stopping, signalled = state.step, False, False
     model.train()
-    with stop:
+    with StopSignal() as stop, bar:
         while state.step < cfg.steps:
             # --- schedule: lr is a function of the step, so resuming restores it exactly.
             lr = learning_rate(state.step, cfg)
@@ -149,7 +159,9 @@ def pretrain(cfg: PretrainConfig) -> RunResult:
             # --- forward/backward over the micro-batches; DDP syncs gradients only on the last one.
             sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.optim.accumulation):
-                batch = next(batches)
+                batch = next(source)
+                if samples_log is not None:
+                    append_log(samples_log, {"step": state.step + 1, "keys": list(batch.get("key", []))})
                 last = micro == cfg.optim.accumulation - 1
                 with nullcontext() if last else accelerator.no_sync(model):
                     out = model(batch)
@@ -195,7 +207,7 @@ def pretrain(cfg: PretrainConfig) -> RunResult:
 
             # --- checkpoint: every N steps, at the end, and when asked to stop.
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or state.step == cfg.steps or stopping:
-                state.positions = batches.gather_positions(accelerator)
+                state.positions = stream.gather_positions(accelerator) if stream is not None else None
                 ckpt.save_checkpoint(accelerator, run_dir, state)
             if stopping:
                 break
@@ -207,7 +219,6 @@ def pretrain(cfg: PretrainConfig) -> RunResult:
                     summary.setdefault("probes", []).append(probe)
                     write_summary(run_dir, cfg, manifest, state, summary, probe)
                 accelerator.log({f"probe/{k}": v for k, v in probe.items() if "/" in k}, step=state.step)
-    bar.close()
     if main:
         write_summary(run_dir, cfg, manifest, state, summary, probe)
     accelerator.end_training()
@@ -413,6 +424,24 @@ class BatchStream(Iterator[dict[str, torch.Tensor]]):
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def with_key(sample_fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """Carry each sample's key (an HMAC pseudonym) into the batch, for `data.log_samples`."""
+
+    def add_key(sample: dict) -> Any:
+        return {**sample_fn(sample), "key": sample["key"]}
+
+    return add_key
+
+
+def cycle_on(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
+    """Given batches, endlessly, moved to the device once each (they are usually few and in memory)."""
+    on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    if not on_device:
+        raise ConfigError("the batches given to pretrain() are empty")
+    while True:
+        yield from on_device
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Probes, logs and summary.
 # ------------------------------------------------------------------------------------------------------------------
@@ -511,7 +540,7 @@ def write_summary(
 def data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """Counts and composition from a shard manifest (no shard names, no paths)."""
     splits = {name: {"samples": info.get("samples")} for name, info in (manifest.get("splits") or {}).items()}
-    keep = ("schema_version", "intensity_convention", "size", "files_seen", "written", "composition", "vocab")
+    keep = ("schema_version", "intensity_convention", "storage", "size", "counts", "composition", "vocab")
     return {**{k: manifest[k] for k in keep if k in manifest}, "splits": splits}
 
 
