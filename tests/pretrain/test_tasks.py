@@ -273,7 +273,8 @@ def test_nt_xent_gathers_negatives_across_two_processes() -> None:
     torch.manual_seed(8)
     z0, z1 = torch.randn(6, 5), torch.randn(6, 5)
     out = mp.Manager().dict()
-    mp.spawn(_gathered_loss, args=(2, _free_port(), z0, z1, out), nprocs=2, join=True)
+    # fork: the children need no fresh interpreter (spawn would re-import torch, seconds on two cores)
+    mp.start_processes(_gathered_loss, args=(2, _free_port(), z0, z1, out), nprocs=2, join=True, start_method="fork")
     mean_of_ranks = (out[0] + out[1]) / 2
     assert mean_of_ranks == pytest.approx(slow_nt_xent(z0, z1, 0.3).item(), rel=1e-5)
     local_only = NTXentLoss(temperature=0.3)(z0[:3], z1[:3]).item()
