@@ -178,6 +178,31 @@ def test_byol_momentum_update_is_an_exponential_average() -> None:
     torch.testing.assert_close(next(task.encoder_momentum.parameters()).detach(), after)
 
 
+def test_moco_scores_queries_against_the_bank_and_queues_the_keys() -> None:
+    torch.manual_seed(9)
+    encoder = build_encoder("test_resnet")
+    options = {"moco": {"memory_bank_size": 16, "output_dim": 8, "temperature": 0.5}}
+    objective = build_objective(encoder, {"moco": 1.0}, options, VOCAB)
+    task = objective.tasks["moco"]
+    bank_before = task.criterion.memory_bank.bank.clone()  # (16, 8) unit rows
+    batch = make_batch(("view0", "view1"), b=3)
+    out = objective(encoder, batch)
+    x = torch.cat([batch["view0"], batch["view1"]])
+    with torch.no_grad():
+        q0, q1 = task.projection_head(encoder(x)).chunk(2)
+        k0, k1 = task.projection_head_momentum(task.encoder_momentum(x)).chunk(2)
+    queries = nn.functional.normalize(torch.cat([q0, q1]), dim=1)
+    keys = nn.functional.normalize(torch.cat([k1, k0]), dim=1)
+    total = 0.0
+    for q, k in zip(queries, keys, strict=True):
+        positive = math.exp(float(q @ k) / 0.5)
+        negatives = sum(math.exp(float(q @ n) / 0.5) for n in bank_before)
+        total += -math.log(positive / (positive + negatives))
+    assert out["loss"].item() == pytest.approx(total / 6, rel=1e-4)
+    assert int(task.criterion.memory_bank.bank_ptr) == 6
+    torch.testing.assert_close(task.criterion.memory_bank.bank[:6], keys)
+
+
 def test_metadata_ignores_missing_labels_and_weights_rare_classes() -> None:
     torch.manual_seed(6)
     encoder = build_encoder("test_resnet")

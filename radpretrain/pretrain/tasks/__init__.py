@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from radpretrain.pretrain.tasks import byol, mae, metadata, patch_ae, simclr  # noqa: F401  (fills TASKS)
+from radpretrain.pretrain.tasks import byol, mae, metadata, moco, patch_ae, simclr  # noqa: F401  (fills TASKS)
 from radpretrain.pretrain.tasks.base import TASKS, Task, register_task
 from radpretrain.pretrain.tasks.objective import Objective, build_objective
 
