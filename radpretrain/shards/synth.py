@@ -631,8 +631,8 @@ class _Planner:
         slope, intercept = self.pick(((1.0, 0.0),) * 6 + ((1.0, -1024.0), (2.0, 0.0), (1.0, 100.0)))
         rescale_tags = rng.random() < 0.5 or (slope, intercept) != (1.0, 0.0)
         window = str(rng.choice(["single", "multi", "voi_lut", "none"], p=[0.45, 0.12, 0.13, 0.3]))
-        if window == "voi_lut" and intercept < 0:
-            window = "single"  # a VOI LUT's first mapped value is unsigned here
+        if window == "voi_lut" and (intercept < 0 or slope * (2**bits - 1) + intercept > 65535):
+            window = "single"  # a VOI LUT's first mapped value is an unsigned 16-bit number here
         spacing_tag = self.pick(("ImagerPixelSpacing", "PixelSpacing", "both", "none"))
         series_number = series["index"] + 1
         name_style = self.pick(("IM{n:06d}.dcm", "IM{n:06d}.dcm", "IM{n:06d}", "I{n:07d}.DCM", "{uid}.dcm"))
@@ -1054,10 +1054,8 @@ def _radiograph_dataset(spec: dict[str, Any], image: np.ndarray, rng: np.random.
     top = 2**bits - 1
     # Stored values: MONOCHROME1 inverts; rescale maps stored -> modality output (slope * stored + intercept).
     slope, intercept = spec["slope"], spec["intercept"]
-    values = image.astype(np.float64)
-    if slope != 1.0:
-        values = np.floor(values / slope)
-    stored = np.clip(top - values if spec["mono1"] else values, 0, top).astype(np.uint16)
+    values = image if slope == 1.0 else image // np.uint16(slope)  # slopes are whole numbers here
+    stored = np.subtract(np.uint16(top), values) if spec["mono1"] else values
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if spec["mono1"] else "MONOCHROME2"
     ds.Rows, ds.Columns = stored.shape
