@@ -201,7 +201,7 @@ def _from_table(table: Path, kind: str | None, label_column: str, structure: str
     layout = f"table {table.name}"
 
     images = [_resolve(table.parent, row["image"], n) for n, row in enumerate(rows, start=2)]
-    dims = _dims_of(images, layout)
+    dims = _dims_of(images, layout, kind)
     ids = _unique_ids([_stem(image) for image in images])
     patients = [row.get("patient") or case_id for row, case_id in zip(rows, ids, strict=True)]
     if task == "seg":
@@ -347,9 +347,17 @@ def _unique_ids(stems: list[str]) -> list[str]:
     return ids
 
 
-def _dims_of(images: Sequence[Path], layout: str) -> int:
-    # A folder is a DICOM series; a .dcm file is read as a 2D image.
-    dims = {3 if image.is_dir() or _ext(image) in VOLUME_EXTS else 2 for image in images}
+def _dims_of(images: Sequence[Path], layout: str, kind: str | None = None) -> int:
+    # A folder is a DICOM series; a DICOM file is a 2D image unless a 3D kind asks for multi-frame volumes.
+    dicom_dims = 3 if kind is not None and kind.endswith("3d") else 2
+    dims = {
+        3
+        if image.is_dir() or _ext(image) in VOLUME_EXTS
+        else 2
+        if _ext(image) in (".png", ".jpg", ".jpeg")
+        else dicom_dims
+        for image in images
+    }
     if len(dims) > 1:
         raise CohortError(f"the {layout} mixes 2D images and 3D volumes; keep one kind per cohort")
     return dims.pop() if dims else 2

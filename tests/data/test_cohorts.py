@@ -164,7 +164,9 @@ def _write_slice(path: Path, pixels: np.ndarray, z: float, number: int) -> None:
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [0, 0, z]
     ds.InstanceNumber = number
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.WindowCenter, ds.WindowWidth = 300, 400
@@ -187,6 +189,20 @@ def test_a_dicom_series_folder_is_a_volume_ordered_along_the_slice_normal(tmp_pa
     # The header window (centre 300, width 400) maps 100..400 to 0..0.75.
     np.testing.assert_allclose(image01[:, 0, 0], [0.0, 0.25, 0.5, 0.75])
     assert mask[2].all() and mask.sum() == 48
+
+
+def test_multiframe_dicom_files_are_volumes_in_a_3d_cohort(tmp_path: Path) -> None:
+    for n in range(2):
+        _write_slice(tmp_path / f"vol{n}.dcm", np.full((3, 6, 8), 200 + 100 * n), 0.0, number=n + 1)
+    table = _write_table(tmp_path / "cohort.csv", [{"image": f"vol{n}.dcm", "label": n} for n in range(2)])
+    cohort = load_cohort(table, kind="cls3d")
+    assert (cohort.kind, [c.target for c in cohort.cases]) == ("cls3d", [0, 1])
+    image01, mask = read_case(cohort.cases[1], 3, (3, 6, 8))
+    assert mask is None and image01.shape == (3, 6, 8) and np.allclose(image01, 0.5)  # 300 in window 300/400
+    flat = load_cohort(table)
+    assert flat.kind == "cls2d"
+    with pytest.raises(CohortError, match="case vol0: multi-frame DICOM in a 2D cohort"):
+        CohortDataset(flat, size=8)
 
 
 def test_class_folders_give_a_classification_cohort(tmp_path: Path) -> None:
