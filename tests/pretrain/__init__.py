@@ -1,0 +1,1 @@
+"""Tests of radpretrain.pretrain (a package, so test basenames like test_config.py may repeat across folders)."""
