@@ -71,8 +71,8 @@ class Cohort:
     kind: str
     classes: list[str] = field(default_factory=list)
     layout: str = ""
-    # Decoded, resized, windowed arrays by (case id, size): shared by every dataset over this cohort.
-    _arrays: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray | None]] = field(
+    # Decoded, resized, windowed arrays by (case, size): shared by every dataset over this cohort.
+    _arrays: dict[tuple[Case, tuple[int, ...]], tuple[np.ndarray, np.ndarray | None]] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -86,7 +86,7 @@ class Cohort:
 
     @property
     def task(self) -> str:
-        """ "seg" or "cls"."""
+        """The task, "seg" or "cls"."""
         return self.kind[:3]
 
     def patients(self) -> list[str]:
@@ -110,9 +110,9 @@ def load_cohort(
     series folder `X/` + `X_label.nii.gz`); one subfolder of images or volumes per class. CSV paths are
     relative to the CSV; the patient id comes from a `patient` column, else the image's file stem.
 
-    Masks are binary: every non-zero value is foreground. Classification labels become class indices
-    into `Cohort.classes` (sorted numerically when all are integers, else alphabetically), or floats when
-    they are numbers that are not all integers.
+    Masks are binary: every non-zero value is foreground (in JPEG masks, which smear edges, values above
+    127). Classification labels become class indices into `Cohort.classes` (sorted numerically when all
+    are integers, else alphabetically), or floats when they are numbers that are not all integers.
 
     Args:
         path: A cohort folder or CSV file.
@@ -164,10 +164,10 @@ def _from_folder(root: Path, kind: str | None, label_column: str, structure: str
         raise CohortError(f"the cohort folder holds several cohort tables ({names}); give the one to use as the path")
     if tables:
         return _from_table(tables[0], kind, label_column, structure)
-    pairs = _from_pairs(entries)
+    pairs = _from_pairs(entries, kind)
     if pairs is not None:
         return pairs
-    classes = _from_class_folders(entries)
+    classes = _from_class_folders(entries, kind)
     if classes is not None:
         return classes
     if not entries:
@@ -262,7 +262,7 @@ def _number(text: str) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def _from_pairs(entries: list[Path]) -> Cohort | None:
+def _from_pairs(entries: list[Path], kind: str | None) -> Cohort | None:
     images: dict[str, Path] = {}
     labels: dict[str, Path] = {}
     # Files first: a folder is an image (a DICOM series) only where no image file has its name.
@@ -293,7 +293,7 @@ def _from_pairs(entries: list[Path]) -> Cohort | None:
         log.info("%d images without a mask were left out of the cohort", unlabeled)
     order = sorted(labels)
     cases = [Case(base, base, images[base], labels[base]) for base in order]
-    dims = _dims_of([c.image for c in cases], "image/mask pairs")
+    dims = _dims_of([c.image for c in cases], "image/mask pairs", kind)
     return Cohort(cases, f"seg{dims}d", [], "image/mask pairs")
 
 
@@ -308,7 +308,7 @@ def _role(stem: str) -> tuple[str, bool]:
     return stem, False
 
 
-def _from_class_folders(entries: list[Path]) -> Cohort | None:
+def _from_class_folders(entries: list[Path], kind: str | None) -> Cohort | None:
     folders = [p for p in entries if p.is_dir()]
     members = {
         folder.name: sorted(p for p in folder.iterdir() if p.is_file() and _ext(p) in IMAGE_EXTS + VOLUME_EXTS)
@@ -321,7 +321,7 @@ def _from_class_folders(entries: list[Path]) -> Cohort | None:
     images = [p for name in classes for p in members[name]]
     targets: list[Path | int | float | None] = [i for i, name in enumerate(classes) for _ in members[name]]
     ids = _unique_ids([_stem(p) for p in images])
-    dims = _dims_of(images, "class folders")
+    dims = _dims_of(images, "class folders", kind)
     cases = [Case(i, i, image, target) for i, image, target in zip(ids, images, targets, strict=True)]
     return Cohort(cases, f"cls{dims}d", classes, "class folders")
 
@@ -339,11 +339,16 @@ def _stem(path: Path) -> str:
 
 
 def _unique_ids(stems: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    ids = []
+    """File stems as case ids; a repeated stem gets -2, -3 ... (e.g. the same name in two folders)."""
+    ids: list[str] = []
+    taken: set[str] = set()
     for stem in stems:
-        seen[stem] = seen.get(stem, 0) + 1
-        ids.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        case_id, count = stem, 1
+        while case_id in taken:
+            count += 1
+            case_id = f"{stem}-{count}"
+        taken.add(case_id)
+        ids.append(case_id)
     return ids
 
 
@@ -567,16 +572,16 @@ class CohortDataset(Dataset):
     def _load(self) -> None:
         from tqdm.auto import tqdm
 
-        todo = [c for c in self.cases if (c.id, self.size) not in self.cohort._arrays]
+        todo = [c for c in self.cases if (c, self.size) not in self.cohort._arrays]
         for case in tqdm(todo, desc="loading cohort", unit="case", leave=False, disable=len(todo) < 2):
-            self.cohort._arrays[(case.id, self.size)] = read_case(case, self.cohort.spatial_dims, self.size)
+            self.cohort._arrays[(case, self.size)] = read_case(case, self.cohort.spatial_dims, self.size)
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
-        image01, mask = self.cohort._arrays[(case.id, self.size)]
+        image01, mask = self.cohort._arrays[(case, self.size)]
         if self._transform is not None:
             image01, mask = self._augment(image01, mask)
         image = torch.from_numpy(intensity.normalize(image01)[None].copy())
@@ -627,7 +632,7 @@ def _augmentation(size: tuple[int, ...], with_mask: bool) -> Any:
                 rotate_range=angles,
                 scale_range=(0.1,) * spatial_dims,
                 translate_range=tuple(0.05 * side for side in size),  # in pixels
-                mode=["bilinear", "bilinear"][: len(keys)],
+                mode="bilinear",  # masks too: thresholded at 0.5 afterwards, smoother than nearest
                 padding_mode="zeros",
             ),
             T.RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
