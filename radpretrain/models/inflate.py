@@ -277,7 +277,7 @@ def _copy_norm(norm: nn.modules.batchnorm._NormBase) -> nn.Module:
     new.load_state_dict(norm.state_dict())
     reference = next(itertools.chain(norm.parameters(), norm.buffers()), None)
     if reference is not None:
-        new.to(reference.device)
+        new.to(reference.device, reference.dtype)
     for name, param in norm.named_parameters(recurse=False):
         getattr(new, name).requires_grad_(param.requires_grad)
     return new
