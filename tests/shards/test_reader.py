@@ -1,0 +1,138 @@
+"""The shard reader: manifest checks, node and worker splits, epochs, resampling, and bad tars."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from radpretrain.errors import ConfigError, ShardError
+from radpretrain.shards import reader
+from radpretrain.shards.plan import ShardConfig
+from radpretrain.shards.writer import shard
+from tests.shards.helpers import make_archive
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reader")
+    make_archive(root / "src", N, patients=12)
+    config = ShardConfig(size=48, shard_size=3, val_fraction=0.0, test_fraction=0.0)
+    shard(root / "src", root / "out", config, key=root / "deid.key", progress=False)
+    return root / "out"
+
+
+def _keys(pipeline: Any) -> list[str]:
+    return [sample["key"] for sample in pipeline]
+
+
+def test_reads_every_sample_once_windowed(shards: Path) -> None:
+    urls = reader.shard_urls(shards, "train")
+    assert len(urls) == N // 3 and all(Path(u).is_absolute() for u in urls)
+    samples = list(reader.build_pipeline(urls, shuffle=8, seed=1))
+    assert len({s["key"] for s in samples}) == len(samples) == N
+    for sample in samples:
+        assert sample["pixels"].dtype == np.uint16 and max(sample["pixels"].shape) == 48
+        assert sample["image"].dtype == np.float32 and 0.0 <= sample["image"].min() <= sample["image"].max() <= 1.0
+        assert sample["meta"]["split"] == "train"
+    again = _keys(reader.build_pipeline(urls, shuffle=8, seed=1))
+    assert again == [s["key"] for s in samples], "the same seed must give the same order"
+    assert _keys(reader.build_pipeline(urls, shuffle=8, seed=2)) != again
+
+
+def test_split_by_node(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    urls = reader.shard_urls(shards, "train")
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append(set(_keys(reader.build_pipeline(urls, shuffle=0))))
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == N
+
+
+def test_split_by_dataloader_worker(shards: Path) -> None:
+    urls = reader.shard_urls(shards, "train")
+    pipeline = reader.build_pipeline(urls, shuffle=4, map_fn=_key_of)
+    keys = list(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2))
+    assert len(keys) == len(set(keys)) == N
+
+
+def _key_of(sample: dict[str, Any]) -> str:
+    return str(sample["key"])
+
+
+def test_epoch_length_repeats_and_resampling(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    urls = reader.shard_urls(shards, "train")[:1]  # one shard of 3 samples
+    assert len(_keys(reader.build_pipeline(urls, shuffle=0, epoch_len=7))) == 7
+    assert len(_keys(reader.build_pipeline(urls, shuffle=0, epoch_len=7, resampled=True))) == 7
+    # A node with no shard of its own still fills its epoch instead of hanging or stopping early.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert len(_keys(reader.build_pipeline(urls, shuffle=0, epoch_len=5))) == 5
+    assert _keys(reader.build_pipeline(urls, shuffle=0)) == []
+
+
+def test_truncated_shard_is_skipped_and_counted(shards: Path, tmp_path: Path) -> None:
+    urls = reader.shard_urls(shards, "train")[:2]
+    data = Path(urls[0]).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    pipeline = reader.build_pipeline([str(cut), urls[1]], shuffle=0)
+    keys = _keys(pipeline)
+    assert 3 <= len(keys) < 6
+    assert pipeline.record_errors.total >= 1
+
+
+def test_nothing_readable_is_a_clear_error(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.tar"
+    with tarfile.open(foreign, "w") as tar:
+        info = tarfile.TarInfo("notes.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file at all" * 40)
+    for urls in ([str(foreign)], [str(garbage)], [str(foreign), str(garbage)]):
+        with pytest.raises(ShardError, match="no sample could be read"):
+            list(reader.build_pipeline(urls, shuffle=0))
+        with pytest.raises(ShardError, match="no sample could be read"):
+            list(reader.build_pipeline(urls, shuffle=0, epoch_len=10, resampled=True))
+        with pytest.raises(ShardError, match="no sample could be read"):
+            list(reader.build_pipeline(urls, shuffle=0, epoch_len=10))
+
+
+def test_manifest_errors(shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match=r"no manifest\.json"):
+        reader.read_manifest(tmp_path)
+    (tmp_path / "x.tar").write_bytes(b"")
+    with pytest.raises(ShardError, match="has not finished"):
+        reader.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(ShardError, match="not valid JSON"):
+        reader.read_manifest(tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "intensity_convention": "raw-hu"}))
+    with pytest.raises(ConfigError, match="intensity convention"):
+        reader.read_manifest(tmp_path)
+    with pytest.raises(ShardError, match="unknown split"):
+        reader.shard_urls(shards, "training")
+    with pytest.raises(ShardError, match="has no samples"):
+        reader.shard_urls(shards, "val")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="is missing"):
+        reader.shard_urls(tmp_path, "train")
+
+
+def test_decode_rejects_broken_members() -> None:
+    with pytest.raises(ValueError):
+        reader.decode_sample({"__key__": "k", "json": b"{}"})
+    with pytest.raises(ValueError):
+        reader.decode_sample({"__key__": "k", "json": b"{}", "png": b"not a png"})
