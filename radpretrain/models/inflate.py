@@ -67,7 +67,8 @@ def inflate(encoder2d: nn.Module, method: str = "centre", depth_kernel: int = 3)
     height stride; pools take the height kernel, stride and padding in depth too, so a (D, H, W) volume
     is reduced like an H x H image along depth, and a constant-depth volume passed through a "centre"
     inflation reproduces the 2D encoder at every kept depth slice exactly (train or eval mode). Global
-    pools average over depth, height and width.
+    pools average over depth, height and width. Like images, volumes need every side (depth included)
+    of at least the encoder's total reduction (32 for ResNets, 16 for most CBRs); the models check it.
 
     Supported: the ResNet family and the CBR family (and plain Sequential stacks of Conv2d, BatchNorm2d,
     InstanceNorm2d, GroupNorm, pools and activations). Any other layer type is refused with a
