@@ -398,6 +398,7 @@ def read_case(case: Case, spatial_dims: int, size: Sequence[int]) -> tuple[np.nd
         )
     image = _resize(pixels.astype(np.float32), size)
     if window is None:
+        # Not apply_window: it floors the width at one stored unit, too wide for float volumes in [0, 1].
         low, high = np.percentile(image, ROBUST_PERCENTILES)
         image01 = np.clip((image - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
     else:

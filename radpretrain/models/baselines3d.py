@@ -10,6 +10,7 @@ from monai.networks.nets import BasicUNet, SegResNet
 from torch import nn
 
 from radpretrain.errors import ConfigError
+from radpretrain.models.inflate import check_input
 from radpretrain.registry import Registry
 
 #: name -> model class; every class takes (spatial_dims=3, in_channels=1, out_channels=2, **options)
@@ -188,9 +189,7 @@ def _check_common(spatial_dims: int, in_channels: int, out_channels: int, dropou
 
 
 def _check_sides(x: torch.Tensor, spatial_dims: int, multiple: int, name: str) -> None:
-    if x.ndim != spatial_dims + 2:
-        layout = "(B, C, H, W)" if spatial_dims == 2 else "(B, C, D, H, W)"
-        raise ConfigError(f"{name} with spatial_dims={spatial_dims} takes {layout} batches, got {tuple(x.shape)}")
+    check_input(nn.Identity(), x, spatial_dims, min_side=1)
     sides = tuple(int(s) for s in x.shape[2:])
     if any(side % multiple for side in sides):
         raise ConfigError(f"{name} needs sides that are multiples of {multiple}, got {sides}; change the size")
