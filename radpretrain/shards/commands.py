@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from radpretrain.cli import fraction, positive_int
 
@@ -13,6 +14,9 @@ log = logging.getLogger(__name__)
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add one parser per command; handlers import their heavy modules only when they run."""
     _add_synth(sub)
+    _add_index(sub)
+    _add_shard(sub)
+    _add_inspect(sub)
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -96,4 +100,283 @@ def _run_synth(args: argparse.Namespace) -> int:
     )
     counts = ", ".join(f"{kind} {n}" for kind, n in summary.counts.items())
     log.info("synth: %d files in %s (%s); ground truth in synth.json", summary.n_files, summary.root, counts)
+    return 0
+
+
+# index / shard / inspect: DICOM (or PNG/JPEG) folder -> de-identified webdataset shards, and a look at them.
+
+_PRIVACY = (
+    "Only pseudonyms (HMAC-SHA256 under a key kept outside OUT) and allow-listed derived labels leave the "
+    "source; names, IDs, dates, UIDs, free text, private tags and file paths never reach OUT, a log line or "
+    "an error. The lookup from file pseudonyms (in OUT/errors.jsonl) to file paths is written to a private "
+    "folder outside OUT (--private-dir, default OUT.private beside OUT)."
+)
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """Options that decide what the index selects and how it labels (shared by `index` and `shard`)."""
+    parser.add_argument("src", metavar="SRC", help="source folder: a DICOM export, or PNG/JPEG files with a CSV")
+    parser.add_argument("out", metavar="OUT", help="output folder for the shards (created if missing)")
+    parser.add_argument(
+        "--key",
+        default=None,
+        help="pseudonym key file, kept outside OUT and created (mode 0600) when missing; default "
+        "$RADPRETRAIN_KEY_FILE, else ~/.config/radpretrain/deid.key. The same key gives the same pseudonyms",
+    )
+    parser.add_argument(
+        "--private-dir",
+        default=None,
+        help="folder for the private file-pseudonym -> path lookup (default: OUT.private beside OUT)",
+    )
+    parser.add_argument(
+        "--modalities",
+        default="CR,DX,MG,RF,XA,DR",
+        help="comma-separated modalities to shard (default: projection radiographs CR,DX,MG,RF,XA,DR); "
+        "others are skipped with a reason",
+    )
+    parser.add_argument(
+        "--include-burned-in",
+        action="store_true",
+        help="also shard images flagged BurnedInAnnotation=YES (skipped by default: the pixels may show names)",
+    )
+    parser.add_argument(
+        "--age-buckets",
+        default="0-1,2-11,12-17,18-39,40-64,65-79,80+",
+        help="comma-separated whole-year age buckets, the last open-ended (default 0-1,2-11,12-17,18-39,40-64,"
+        "65-79,80+)",
+    )
+    parser.add_argument(
+        "--images",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="PNG/JPEG files: shard them when SRC holds no DICOM file (auto, default), always (yes) or never (no)",
+    )
+    parser.add_argument(
+        "--csv",
+        default=None,
+        help="metadata CSV for PNG/JPEG files (default SRC/metadata.csv when present); only mapped columns are "
+        "read, free text (notes, findings ...) never is",
+    )
+    parser.add_argument(
+        "--csv-columns",
+        default="",
+        metavar="FIELD=COLUMN,...",
+        help="map CSV columns to fields file, patient, study, sex, age, view, laterality, body_part (defaults: "
+        "patient=patientid, sex=sex, age=age, view=view, laterality=laterality, body_part=body_part; the file "
+        "column is guessed from filename/file/image/path, else the patient column is matched to the file stem)",
+    )
+    parser.add_argument(
+        "--body-part",
+        default="unknown",
+        help="body part of PNG/JPEG files whose CSV row names none (e.g. chest for a chest X-ray collection)",
+    )
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _index_options(args: argparse.Namespace) -> Any:  # an IndexOptions (imported late: --help stays fast)
+    from radpretrain.config import build
+    from radpretrain.shards.index import IndexOptions
+    from radpretrain.shards.plain import parse_csv_columns
+
+    return build(
+        IndexOptions,
+        {
+            "modalities": _split(args.modalities) or [],
+            "include_burned_in": args.include_burned_in,
+            "images": args.images,
+            "age_buckets": _split(args.age_buckets) or [],
+            "plain": {
+                "csv": args.csv,
+                "csv_columns": parse_csv_columns(args.csv_columns),
+                "body_part": args.body_part,
+            },
+        },
+    )
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "index",
+        help="read every header of a source folder once (no pixels) into OUT/index.jsonl",
+        description=(
+            "Read the header of every file under SRC (no pixel data) and write one row per file to "
+            "OUT/index.jsonl: pseudonyms, derived labels, and whether the file will be sharded or why not. "
+            "`radpretrain shard` runs this itself; run it alone first when several `shard --part` jobs will "
+            "share one plan. " + _PRIVACY
+        ),
+    )
+    _add_source_options(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an index made with other options")
+    parser.set_defaults(func=_run_index)
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from radpretrain.config import to_dict
+    from radpretrain.errors import ShardError
+    from radpretrain.shards import deid
+    from radpretrain.shards.index import build_index, default_private_dir, read_index
+
+    options = _index_options(args)
+    out = Path(args.out).expanduser().resolve()
+    pseudonymize = deid.Pseudonymizer(deid.load_key(args.key, out=out))
+    existing = read_index(out)
+    if existing is not None and not args.overwrite and existing.meta.get("options") != to_dict(options):
+        raise ShardError(
+            f"{args.out} already holds an index made with other options; rerun with --overwrite to replace it"
+        )
+    private = Path(args.private_dir).expanduser().resolve() if args.private_dir else default_private_dir(out)
+    index = build_index(
+        args.src, out, pseudonymize, options, private_dir=private, workers=args.workers, progress=not args.no_progress
+    )
+    status = Counter(row["status"] for row in index.rows)
+    reasons = Counter(row["reason"] for row in index.rows if row["reason"])
+    log.info(
+        "index: %d files: %d to shard, %d skipped, %d failed%s",
+        len(index.rows),
+        status["ok"],
+        status["skipped"],
+        status["failed"],
+        (" (" + ", ".join(f"{r} {n}" for r, n in reasons.most_common()) + ")") if reasons else "",
+    )
+    log.info("index: written to %s; the private path lookup is in %s", out, private)
+    return 0
+
+
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "shard",
+        help="DICOM export (or PNG/JPEG folder) -> de-identified webdataset shards",
+        description=(
+            "Index SRC (headers only), plan (dedupe by SOPInstanceUID, patient-level train/val/test split "
+            "drawn from the keyed patient pseudonym, global shuffle, units of --shard-size files) and write "
+            "each unit as OUT/<split>-NNNNNN.tar (16-bit PNG + json per sample) with a .stats.json beside it, "
+            "then OUT/manifest.json and OUT/errors.jsonl. Every file seen is written, a duplicate, skipped or "
+            "failed with a reason. Rerunning the same command resumes (finished units are kept); other settings "
+            "are refused unless --overwrite. " + _PRIVACY + " "
+            "Several machines (e.g. a SLURM array): run `radpretrain index SRC OUT` once, then "
+            "`radpretrain shard SRC OUT --part $SLURM_ARRAY_TASK_ID/N` with the same options in each job; the "
+            "part that finds every unit done writes the manifest, and `radpretrain shard SRC OUT` run once "
+            "afterwards writes it too (it writes no unit twice)."
+        ),
+    )
+    _add_source_options(parser)
+    parser.add_argument("--size", type=positive_int, default=512, help="longest image side in pixels (default 512)")
+    parser.add_argument(
+        "--shard-size", type=positive_int, default=1000, help="files per shard (unit of work; default 1000)"
+    )
+    parser.add_argument("--val", type=fraction, default=0.05, help="share of patients in val (default 0.05)")
+    parser.add_argument("--test", type=fraction, default=0.05, help="share of patients in test (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
+    parser.add_argument(
+        "--frames",
+        choices=("all", "first", "middle"),
+        default="all",
+        help="multi-frame files: every frame a sample (all, default) or one frame per file",
+    )
+    parser.add_argument(
+        "--part",
+        default=None,
+        metavar="i/N",
+        help="write only part i of N of the plan (units i, i+N, ...; 0 <= i < N, e.g. "
+        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-(N-1)); needs `radpretrain index` first",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace shards (and index) made with other settings")
+    parser.add_argument("--reindex", action="store_true", help="read the headers again instead of reusing the index")
+    parser.set_defaults(func=_run_shard)
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    from radpretrain.config import build, to_dict
+    from radpretrain.shards.plan import ShardConfig, parse_part
+    from radpretrain.shards.writer import shard
+
+    part = parse_part(args.part) if args.part else None
+    config = build(
+        ShardConfig,
+        {
+            "size": args.size,
+            "shard_size": args.shard_size,
+            "val_fraction": args.val,
+            "test_fraction": args.test,
+            "seed": args.seed,
+            "frames": args.frames,
+            "index": to_dict(_index_options(args)),
+        },
+    )
+    summary = shard(
+        args.src,
+        args.out,
+        config,
+        key=args.key,
+        private_dir=args.private_dir,
+        workers=args.workers,
+        part=part,
+        overwrite=args.overwrite,
+        reindex=args.reindex,
+        progress=not args.no_progress,
+    )
+    rate = summary.files_processed / summary.seconds if summary.seconds > 0 else 0.0
+    log.info(
+        "shard: %d unit(s) written, %d already done, %.1f s (%.1f files/s)",
+        summary.units_written,
+        summary.units_skipped,
+        summary.seconds,
+        rate,
+    )
+    if summary.manifest is None:
+        log.info(
+            "shard: %d units of the plan are still to be written by other parts; the last part (or "
+            "`radpretrain shard SRC OUT` run afterwards) writes manifest.json",
+            summary.units_total - summary.units_written - summary.units_skipped,
+        )
+        return 0
+    counts, splits = summary.manifest["counts"], summary.manifest["splits"]
+    log.info(
+        "shard: %d files seen: %d written (%d samples: %s), %d duplicate, %d skipped, %d failed",
+        counts["files_seen"],
+        counts["written"],
+        counts["samples"],
+        " / ".join(f"{name} {entry['samples']}" for name, entry in splits.items()),
+        counts["duplicate"],
+        sum(counts["skipped"].values()),
+        sum(counts["failed"].values()),
+    )
+    log.info(
+        "shard: shards and manifest.json in %s; reasons per file in errors.jsonl; the private lookup from "
+        "file pseudonyms to paths is in %s (keep it inside the hospital)",
+        summary.out,
+        summary.private_dir,
+    )
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "inspect",
+        help="what a shard folder holds: composition report and a contact sheet",
+        description=(
+            "Print the composition of a shard folder (samples by split, body part, age bucket, sex, view, "
+            "modality, vendor; skipped and failed files by reason; shard sizes) and write a PNG contact sheet "
+            "of random samples, windowed as training sees them and captioned with their labels."
+        ),
+    )
+    parser.add_argument("out", metavar="OUT", help="shard folder (made by `radpretrain shard`)")
+    parser.add_argument("--sheet", default=None, help="contact sheet path (default OUT/contact_sheet.png)")
+    parser.add_argument("--n", type=positive_int, default=48, help="samples on the sheet (default 48)")
+    parser.add_argument("--seed", type=int, default=0, help="which random samples (default 0)")
+    parser.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from radpretrain.shards.inspect import composition_report, contact_sheet
+
+    print(composition_report(args.out))
+    sheet = contact_sheet(args.out, args.sheet or Path(args.out) / "contact_sheet.png", n=args.n, seed=args.seed)
+    print(f"contact sheet: {sheet}")
     return 0
