@@ -93,46 +93,67 @@ def plot_cka(stages: list[float], path: Path, title: str) -> Path:
 
 
 def plot_filters(before: torch.Tensor, after: torch.Tensor, path: Path, max_filters: int = 64) -> Path:
-    """Rows of first-layer filters: before, after, and their difference, on one symmetric colour scale."""
+    """Rows of first-layer filters: before and after on one symmetric colour scale, then their difference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = min(before.shape[0], max_filters)
-    rows = [("before", before[:n, 0]), ("after", after[:n, 0]), ("after - before", (after - before)[:n, 0])]
+    scale = float(max(before.abs().max(), after.abs().max()))
+    diff = (after - before)[:n, 0]
+    # Finetuning often moves first-layer filters little (Raghu et al.): the difference gets its own scale.
+    diff_scale = max(float(diff.abs().max()), 1e-12)
+    rows = [
+        ("before", before[:n, 0], scale),
+        ("after", after[:n, 0], scale),
+        (f"after - before (colour scale x{scale / diff_scale:.1f})", diff, diff_scale),
+    ]
     cols = min(n, 16)
     lines = -(-n // cols)
     fig, axes = plt.subplots(
         3 * lines, cols, figsize=(cols * 0.6 + 0.8, 3 * lines * 0.62 + 0.4), dpi=120, squeeze=False
     )
-    scale = float(max(before.abs().max(), after.abs().max()))
-    for r, (label, filters) in enumerate(rows):
+    for r, (label, filters, limit) in enumerate(rows):
         for i in range(lines * cols):
             ax = axes[r * lines + i // cols, i % cols]
             ax.set_axis_off()
             if i < n:
-                ax.imshow(filters[i].numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale, interpolation="nearest")
-        axes[r * lines, 0].set_title(label, fontsize=8, loc="left")
-    fig.suptitle("first-layer filters (channel 0)", fontsize=9)
-    fig.tight_layout()
+                ax.imshow(filters[i].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        # Text instead of a title: a long title would make a layout engine shrink the first column.
+        first = axes[r * lines, 0]
+        first.text(0.0, 1.12, label, transform=first.transAxes, ha="left", va="bottom", fontsize=8)
+    fig.suptitle("first-layer filters (input channel 0)", fontsize=9)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.8, wspace=0.12, hspace=0.55)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def cohort_images(cohort_path: Path, images: int, size: int) -> torch.Tensor:
+def cohort_images(cohort_path: Path, images: int, size: int, structure: str | None = None) -> torch.Tensor:
     """The first `images` images of a 2D cohort, under the encoder intensity convention, as (N, 1, H, W)."""
     from radpretrain.data.cohorts import CohortDataset, load_cohort
 
-    cohort = load_cohort(cohort_path)
+    cohort = load_cohort(cohort_path, structure=structure)
     if cohort.spatial_dims != 2:
         raise CohortError("analyze compares 2D encoders; give a 2D cohort (images with masks or labels)")
-    dataset = CohortDataset(cohort, cohort.cases[:images], size, augment=False)
+    cases = [c for c in cohort.cases if c.target is not None][:images]
+    if len(cases) < 2:
+        raise CohortError("analyze needs at least two labeled images in the cohort")
+    dataset = CohortDataset(cohort, cases, size, augment=False)
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
-def analyze(before: Path, after: Path, cohort: Path, out: Path, *, images: int = 32, size: int = 224) -> list[Path]:
+def analyze(
+    before: Path,
+    after: Path,
+    cohort: Path,
+    out: Path,
+    *,
+    images: int = 32,
+    size: int = 224,
+    structure: str | None = None,
+) -> list[Path]:
     """Write cka.json, cka.png and filters.png comparing two exported encoders on a cohort's images."""
     from radpretrain.models.encoders import load_encoder, read_card
 
@@ -142,7 +163,7 @@ def analyze(before: Path, after: Path, cohort: Path, out: Path, *, images: int =
         raise ConfigError(
             f"analyze compares one architecture before and after finetuning, got {names[0]} and {names[1]}"
         )
-    batch = cohort_images(cohort, images, size)
+    batch = cohort_images(cohort, images, size, structure)
     values = stage_cka(enc_before, enc_after, batch)
     out.mkdir(parents=True, exist_ok=True)
     record = {

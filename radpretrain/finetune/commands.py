@@ -69,6 +69,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", type=positive_int, default=32, help="cohort images to use (default: 32)")
     p.add_argument("--size", type=positive_int, default=224, help="image side in pixels (default: 224)")
+    p.add_argument("--structure", help="which masks' images to use when the cohort table holds several structures")
     p.set_defaults(func=_run_analyze)
 
 
@@ -113,7 +114,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from radpretrain.finetune.analyze import analyze
 
     files = analyze(
-        Path(args.before), Path(args.after), Path(args.cohort), Path(args.out), images=args.images, size=args.size
+        Path(args.before),
+        Path(args.after),
+        Path(args.cohort),
+        Path(args.out),
+        images=args.images,
+        size=args.size,
+        structure=args.structure,
     )
     print("written: " + ", ".join(str(f) for f in files))
     return 0

@@ -110,6 +110,7 @@ class WeakConfig:
 
     cohort: Path | None = None
     kind: CohortKind | None = None
+    structure: str | None = None
     epochs: int = 20
 
     def validate(self) -> None:
@@ -125,6 +126,8 @@ class FinetuneConfig:
     cohort: Path | None = None
     kind: CohortKind | None = None
     label_column: str = "label"
+    #: The structure to segment when the cohort table holds several (synthetic masks: lungs, heart, bones).
+    structure: str | None = None
     #: An exported encoder folder (encoder.safetensors + encoder.json), or a timm encoder name for
     #: from-scratch runs (strategy `random`).
     encoder: str = "resnet18"

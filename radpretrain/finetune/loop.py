@@ -57,26 +57,20 @@ class Built:
 
 
 def task_of(cohort: Cohort) -> str:
-    """ "seg" or "cls" from the cohort's kind ("seg2d", "cls3d", ...)."""
-    return "seg" if cohort.kind.startswith("seg") else "cls"
+    """ "seg" or "cls"."""
+    return str(cohort.task)
 
 
 def num_classes(cohort: Cohort) -> int:
-    """Classes of a classification cohort: labels are the integers 0..K-1 (at least two classes)."""
-    labels = []
-    for case in cohort.cases:
-        target = case.target
-        if isinstance(target, bool) or not isinstance(target, int | float) or float(target) != int(target):
-            raise CohortError(
-                f"case {case.id}: classification labels must be integers 0..K-1, got {target!r}; "
-                "regression targets are not supported"
-            )
-        labels.append(int(target))
-    if min(labels) < 0 or max(labels) < 1:
+    """Classes of a classification cohort (its `classes`, at least two); regression targets are refused."""
+    if any(isinstance(case.target, float) for case in cohort.cases):
+        raise CohortError("the cohort's labels are non-integer numbers (regression); finetune classifies or segments")
+    if len(cohort.classes) < 2:
         raise CohortError(
-            f"classification labels must be integers 0..K-1 with at least two classes, got {sorted(set(labels))}"
+            f"a classification cohort needs at least two classes, found {len(cohort.classes)} "
+            f"({', '.join(cohort.classes) or 'none'}); check the label column"
         )
-    return max(labels) + 1
+    return len(cohort.classes)
 
 
 def outputs_of(cohort: Cohort) -> int:
@@ -484,14 +478,17 @@ def train_and_evaluate(
     if built.spec.weak != "none":
         if cfg.weak.cohort is None:
             raise ConfigError(f"strategy '{built.spec}' trains on a weak-label cohort first; set weak.cohort")
-        weak = load_cohort(cfg.weak.cohort, kind=cfg.weak.kind, label_column=cfg.label_column)
+        weak = load_cohort(
+            cfg.weak.cohort, kind=cfg.weak.kind, label_column=cfg.label_column, structure=cfg.weak.structure
+        )
         if weak.kind != cohort.kind or outputs_of(weak) != outputs_of(cohort):
             raise CohortError(
                 f"weak-label cohort is '{weak.kind}' with {outputs_of(weak)} output(s) but the cohort is "
                 f"'{cohort.kind}' with {outputs_of(cohort)}; they must be the same task"
             )
-        weak_train, weak_val = split_val(weak.cases, cfg.val_fraction, cfg.seed)
-        n_weak = len(weak.cases)
+        weak_cases = [c for c in weak.cases if c.target is not None]
+        weak_train, weak_val = split_val(weak_cases, cfg.val_fraction, cfg.seed)
+        n_weak = len(weak_cases)
         fits.append(
             fit(
                 built,

@@ -100,7 +100,15 @@ def load_cohort_of(cfg: FinetuneConfig) -> Cohort:
 
     if cfg.cohort is None:
         raise ConfigError("no cohort given; set cohort=<folder or CSV of labeled cases>")
-    return load_cohort(cfg.cohort, kind=cfg.kind, label_column=cfg.label_column)
+    return load_cohort(cfg.cohort, kind=cfg.kind, label_column=cfg.label_column, structure=cfg.structure)
+
+
+def labeled_cases(cohort: Cohort) -> list[Case]:
+    """The cases with a label (a cohort table may list unlabeled rows)."""
+    cases = [c for c in cohort.cases if c.target is not None]
+    if not cases:
+        raise CohortError("the cohort has no labeled cases")
+    return cases
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -109,9 +117,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     cohort = load_cohort_of(cfg)
     if cfg.test_fraction > 0:
-        pool, test = split_test(cohort.cases, fraction=cfg.test_fraction, seed=cfg.seed)
+        pool, test = split_test(labeled_cases(cohort), fraction=cfg.test_fraction, seed=cfg.seed)
     else:
-        pool, test = list(cohort.cases), []
+        pool, test = labeled_cases(cohort), []
     labeled = draw_labeled(pool, cfg.n_train or len(pool), seed=cfg.seed)
     return train_and_evaluate(cfg, cohort, labeled, test, out_dir=cfg.out)
 
@@ -201,7 +209,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
     out = Path(cfg.out)
     cohort = load_cohort_of(cfg.finetune)
-    pool, test = split_test(cohort.cases, count=cfg.test_count, fraction=cfg.test_fraction, seed=cfg.seed)
+    pool, test = split_test(labeled_cases(cohort), count=cfg.test_count, fraction=cfg.test_fraction, seed=cfg.seed)
     check_cells(cfg, cohort, pool)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "sweep.yaml")

@@ -1,0 +1,174 @@
+"""The finetune loop: every registered strategy trains, frozen parts stay put, metrics, encoder checks, weak labels."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from radpretrain.data.cohorts import Case, load_cohort
+from radpretrain.errors import CohortError, ConfigError
+from radpretrain.finetune import loop
+from radpretrain.finetune.config import DwpConfig, FinetuneConfig, WeakConfig
+from radpretrain.finetune.strategies import STRATEGIES
+from radpretrain.finetune.sweep import run_finetune
+from radpretrain.models.encoders import build_encoder, save_encoder
+
+#: A spec for each registered strategy (those that take an argument get one).
+SPECS = {name: ("transfusion:2" if name == "transfusion" else name) for name in STRATEGIES.names()}
+
+
+def tiny(cohort, encoder, out, **overrides) -> FinetuneConfig:
+    values = {
+        "cohort": cohort,
+        "structure": "lungs",
+        "encoder": str(encoder),
+        "size": 32,
+        "epochs": 2,
+        "batch_size": 4,
+        "n_train": 6,
+        "cpu": True,
+        "out": out,
+        "progress": False,
+        "dwp": DwpConfig(vae_steps=30, vae_batch=256, hidden=16, kernel_sample=256),
+    }
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def encoder_tensors(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_strategy_builds_and_trains(name, lung_cohort, pretrained_encoder, tmp_path):
+    result = run_finetune(tiny(lung_cohort, pretrained_encoder, tmp_path, strategy=SPECS[name]))
+    assert result["steps"] >= 2 and result["n_train"] + result["n_val"] == 6 and result["n_test"] > 0
+    assert 0.0 <= result["metrics"]["dice"] <= 1.0 and 0.0 <= result["metrics"]["iou"] <= result["metrics"]["dice"]
+    before = load_file(str(pretrained_encoder / "encoder.safetensors"))
+    after = encoder_tensors(load_file(str(tmp_path / "model.safetensors")))
+    moved = {k for k in before if k in after and before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    if name == "frozen":
+        assert not moved  # weights and batch-norm statistics
+    elif name == "partial":
+        assert moved and not any(k.startswith(("layer1.", "layer2.", "layer3.")) for k in moved)
+        assert any(k.startswith("layer4.") for k in moved) and any(k.startswith("conv1.") for k in moved)
+    else:
+        assert any(k.endswith("weight") and k.startswith("layer2.") for k in moved)
+    if name == "dwp":
+        assert any(k.endswith("log_var") for k in after)
+        log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+        assert all(row["kl"] > 0 for row in log)
+    if name == "lp-ft":
+        log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+        assert [row["phase"] for row in log] == ["probe", "finetune"]
+    # The finetuned 2D encoder is exported like any other and loads into plain timm.
+    card = json.loads((tmp_path / "encoder" / "encoder.json").read_text())
+    assert card["finetuned"]["strategy"] == SPECS[name] and card["timm_name"] == "test_resnet"
+
+
+def test_lp_ft_probe_phase_leaves_the_encoder_alone(lung_cohort, pretrained_encoder, tmp_path):
+    # One probe epoch and no finetune epoch: the encoder must come out exactly as it went in.
+    cfg = tiny(lung_cohort, pretrained_encoder, tmp_path, strategy="lp-ft", epochs=1)
+    assert loop.split_epochs([loop.Phase("a", 0.5), loop.Phase("b", 0.5)], 1) == [1, 1]
+    cfg.options.lp_fraction = 0.9
+    built = loop.build_model(cfg, load_cohort(lung_cohort, structure="lungs"))
+    phases = built.strategy.phases(built.ctx)
+    assert loop.split_epochs(phases, 10) == [9, 1]
+    reference = {k: v.clone() for k, v in built.model.encoder.state_dict().items()}
+    loop.set_trainable(built.model, phases[0].frozen)
+    assert not any(p.requires_grad for p in built.model.encoder.parameters())
+    assert all(p.requires_grad for n, p in built.model.named_parameters() if not n.startswith("encoder."))
+    built.model.train()
+    loop.hold_frozen_norms(built.model, phases[0].frozen)
+    built.model(torch.randn(4, 1, 32, 32)).mean().backward()
+    for k, v in built.model.encoder.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_segmentation_metrics_match_hand_computation():
+    truth = torch.zeros(2, 1, 16, 16)
+    truth[0, 0, 4:8, 4:8] = 1  # 16 pixels
+    truth[1, 0, 2:12, 2:12] = 1
+    pred = torch.zeros_like(truth)
+    pred[0, 0, 4:8, 6:10] = 1  # shifted 2 px: overlap 8
+    pred[1, 0, 2:12, 2:12] = 1
+    logits = pred * 20 - 10
+    m = loop.segmentation_metrics(logits, truth)
+    # Dice 2*8/32 = 0.5 and 1; IoU 8/24 and 1.
+    assert m["dice"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["iou"] == pytest.approx((8 / 24 + 1.0) / 2)
+    # Surface points of a 2-px shift are at most 2 px from the other surface; identical masks: 0.
+    assert 0.0 < m["hd95"] <= 1.0 + 1e-6
+    empty = loop.segmentation_metrics(torch.full_like(truth, -10.0), truth)
+    assert empty["dice"] == 0.0 and math.isnan(empty["hd95"])
+
+
+def test_classification_metrics_match_sklearn():
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0, 1, 0])
+    logits = torch.from_numpy(rng.normal(size=(10, 2))).float() + torch.nn.functional.one_hot(labels, 2) * 0.8
+    m = loop.classification_metrics(logits, labels)
+    probs = logits.softmax(1).numpy()
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels.numpy(), probs[:, 1]))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels.numpy(), probs.argmax(1)))
+    three = torch.tensor([0, 1, 2, 2, 1, 0])
+    m3 = loop.classification_metrics(torch.nn.functional.one_hot(three, 3).float() * 5, three)
+    assert m3 == {"auroc": pytest.approx(1.0), "accuracy": 1.0, "balanced_accuracy": 1.0}
+
+
+def test_classification_cohort_end_to_end(body_part_cohort, pretrained_encoder, tmp_path):
+    cfg = tiny(
+        body_part_cohort, pretrained_encoder, tmp_path, structure=None, n_train=None, epochs=3, test_fraction=0.3
+    )
+    result = run_finetune(cfg)
+    assert result["kind"] == "cls2d"
+    assert set(result["metrics"]) == {"loss", "auroc", "accuracy", "balanced_accuracy"}
+    assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
+
+
+def test_encoders_that_do_not_fit_are_refused(lung_cohort, pretrained_encoder, tmp_path):
+    other = tmp_path / "other-convention"
+    shutil.copytree(pretrained_encoder, other)
+    card = json.loads((other / "encoder.json").read_text())
+    card["intensity_convention"] = "raw-hu-v0"
+    (other / "encoder.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match="uses intensity convention 'raw-hu-v0'"):
+        run_finetune(tiny(lung_cohort, other, tmp_path / "a"))
+    save_encoder(build_encoder("test_resnet", in_chans=3), tmp_path / "rgb", {})
+    with pytest.raises(ConfigError, match="takes 3 input channels but cohort images have 1"):
+        run_finetune(tiny(lung_cohort, tmp_path / "rgb", tmp_path / "b"))
+    save_encoder(build_encoder("test_vit", img_size=64), tmp_path / "vit", {})
+    with pytest.raises(ConfigError, match="fixed input size of 64 px but size=32; set size=64"):
+        run_finetune(tiny(lung_cohort, tmp_path / "vit", tmp_path / "c"))
+    with pytest.raises(ConfigError, match="transfers pretrained weights but encoder 'test_resnet' is not an exported"):
+        run_finetune(tiny(lung_cohort, "test_resnet", tmp_path / "d", strategy="full"))
+    with pytest.raises(CohortError, match="label count 500 is larger than the pool"):
+        run_finetune(tiny(lung_cohort, pretrained_encoder, tmp_path / "e", n_train=500))
+
+
+def test_weak_label_stage(lung_cohort, weak_lung_cohort, tmp_path):
+    weak = WeakConfig(cohort=weak_lung_cohort, epochs=1)
+    only = run_finetune(tiny(lung_cohort, "test_resnet", tmp_path / "only", strategy="weak-only", weak=weak))
+    assert only["n_train"] == 0 and only["n_weak"] == 40 and len(only["epochs"]) == 1
+    then = run_finetune(tiny(lung_cohort, "test_resnet", tmp_path / "then", strategy="weak+random", weak=weak))
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "then" / "log.jsonl").read_text().splitlines()]
+    assert stages == ["weak", "finetune", "finetune"]
+    assert then["n_train"] > 0 and 0.0 <= then["metrics"]["dice"] <= 1.0
+    with pytest.raises(ConfigError, match=r"set weak\.cohort"):
+        run_finetune(tiny(lung_cohort, "test_resnet", tmp_path / "x", strategy="weak-only"))
+
+
+def test_split_val_keeps_patients_apart():
+    cases = [Case(f"c{i}", f"p{i // 3}", None, 0) for i in range(12)]  # type: ignore[arg-type]
+    train, val = loop.split_val(cases, 0.25, seed=3)
+    assert len(train) + len(val) == 12 and {c.patient for c in train}.isdisjoint({c.patient for c in val})
+    assert len(val) == 3
+    assert loop.split_val(cases[:2], 0.5, seed=0) == (cases[:2], [])
