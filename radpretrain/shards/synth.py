@@ -630,8 +630,10 @@ class _Planner:
                 lat_tags["ImageLaterality"] = laterality
         slope, intercept = self.pick(((1.0, 0.0),) * 6 + ((1.0, -1024.0), (2.0, 0.0), (1.0, 100.0)))
         rescale_tags = rng.random() < 0.5 or (slope, intercept) != (1.0, 0.0)
+        # A few devices store signed pixels with an intercept that shifts them back (uncompressed or RLE here).
+        signed = syntax in ("ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "RLELossless") and rng.random() < 0.1
         window = str(rng.choice(["single", "multi", "voi_lut", "none"], p=[0.45, 0.12, 0.13, 0.3]))
-        if window == "voi_lut" and (intercept < 0 or slope * (2**bits - 1) + intercept > 65535):
+        if window == "voi_lut" and (signed or intercept < 0 or slope * (2**bits - 1) + intercept > 65535):
             window = "single"  # a VOI LUT's first mapped value is an unsigned 16-bit number here
         spacing_tag = self.pick(("ImagerPixelSpacing", "PixelSpacing", "both", "none"))
         series_number = series["index"] + 1
@@ -657,7 +659,8 @@ class _Planner:
             "syntax": syntax,
             "slope": slope,
             "intercept": intercept,
-            "rescale_tags": bool(rescale_tags),
+            "rescale_tags": bool(rescale_tags or signed),
+            "signed": bool(signed),
             "window": window,
             "spacing_tag": spacing_tag,
             "masks": bool(self.args["masks"]) and kind == "radiograph" and part in MASK_STRUCTURES,
@@ -1059,10 +1062,17 @@ def _radiograph_dataset(spec: dict[str, Any], image: np.ndarray, rng: np.random.
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if spec["mono1"] else "MONOCHROME2"
     ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = 16
+    allocated = 8 if bits <= 8 else 16  # 8-bit images are stored in single bytes, as devices do
+    ds.BitsAllocated = allocated
     ds.BitsStored = bits
     ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
+    pixels = stored.astype(np.uint8) if allocated == 8 else stored
+    if spec["signed"]:
+        shift = 2 ** (bits - 1)
+        pixels = (stored.astype(np.int32) - shift).astype(np.int8 if allocated == 8 else np.int16)
+        ds.PixelRepresentation = 1
+        intercept += shift * slope  # same modality output as the unsigned values
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.PresentationLUTShape = "INVERSE" if spec["mono1"] else "IDENTITY"
@@ -1086,7 +1096,8 @@ def _radiograph_dataset(spec: dict[str, Any], image: np.ndarray, rng: np.random.
     if spec["spacing_tag"] in ("PixelSpacing", "both"):
         ds.PixelSpacing = spacing_values
     # Window in modality-output units from the tissue range, as the modality would pick it.
-    lo, hi = np.percentile(stored[:: max(1, stored.shape[0] // 128), :: max(1, stored.shape[1] // 128)], [1, 99])
+    step = (max(1, pixels.shape[0] // 128), max(1, pixels.shape[1] // 128))
+    lo, hi = np.percentile(pixels[:: step[0], :: step[1]], [1, 99])
     lo, hi = lo * slope + intercept, hi * slope + intercept
     center = float((lo + hi) / 2 * rng.uniform(0.95, 1.05))
     width = float(max(hi - lo, 2.0) * rng.uniform(0.8, 1.2))
@@ -1119,10 +1130,10 @@ def _radiograph_dataset(spec: dict[str, Any], image: np.ndarray, rng: np.random.
         uid = pydicom.uid.ExplicitVRLittleEndian if uid.is_compressed else uid
         ds.file_meta.TransferSyntaxUID = uid
     elif uid.is_compressed:
-        ds.compress(uid, stored, generate_instance_uid=False)  # the instance keeps its planned UID
+        ds.compress(uid, pixels, encoding_plugin=_encoder_plugin(uid), generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = uid
-        ds.PixelData = stored.tobytes()
+        ds.PixelData = pixels.tobytes()
     if spec["kind"] == "absurd_dims":
         ds.Rows, ds.Columns = 48000, 52000
     written = {
@@ -1133,9 +1144,22 @@ def _radiograph_dataset(spec: dict[str, Any], image: np.ndarray, rng: np.random.
         "cols": int(stored.shape[1]),
         "spacing_mm": [round(spacing[0], 4), round(spacing[1], 4)],
         "rescale": [slope, intercept],
+        "pixel_representation": int(ds.PixelRepresentation),
         **window,
     }
     return ds, written
+
+
+def _encoder_plugin(uid: Any) -> str:
+    """The encoder to use: GDCM's RLE encoder aborts the whole process on some 8-bit images (a C++
+    terminate, not a Python error), so RLE prefers pylibjpeg-rle, then pydicom's own encoder."""
+    from pydicom.pixels import get_encoder
+
+    plugins = get_encoder(uid).available_plugins
+    for name in ("pylibjpeg", "pyjpegls", "pydicom"):
+        if name in plugins:
+            return name
+    return ""  # let pydicom choose
 
 
 def _rgb_dataset(spec: dict[str, Any], image: np.ndarray, bits: int) -> tuple[Any, dict]:

@@ -72,8 +72,12 @@ def test_folder_tree_and_counts(export: SynthSummary) -> None:
 def test_every_hostile_kind_is_what_it_claims(export: SynthSummary) -> None:
     files = export.files
     for path in export.paths_of("truncated"):
-        with pytest.raises((ValueError, AttributeError, EOFError, OSError)):
+        # Any failure will do (a deflated file fails inside zlib, others when pixels are decoded).
+        try:
             _ = _read(path).pixel_array
+        except Exception:
+            continue
+        pytest.fail(f"truncated file {path.name} decoded")
     for path in export.paths_of("not_dicom"):
         with pytest.raises(InvalidDicomError):
             _read(path)
@@ -142,6 +146,7 @@ def test_header_variety(export: SynthSummary) -> None:
     assert any("VOILUTSequence" in ds for ds in headers) and any("WindowCenter" in ds for ds in headers)
     assert any(float(ds.get("RescaleIntercept", 0)) != 0 or float(ds.get("RescaleSlope", 1)) != 1 for ds in headers)
     assert {ds.Modality for ds in headers} >= {"CR", "DX"}
+    assert {ds.PixelRepresentation for ds in headers} == {0, 1}
     assert any("ImagerPixelSpacing" in ds for ds in headers) and any("PixelSpacing" in ds for ds in headers)
     assert len({ds.get("Manufacturer") for ds in headers}) >= 4
     assert any("Laterality" in ds or "ImageLaterality" in ds for ds in headers)
@@ -242,6 +247,17 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict, message: str) -
     with pytest.raises(ConfigError, match=message):
         generate(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_extreme_bit_depths_decode(tmp_path: Path, bits: int) -> None:
+    summary = generate(tmp_path / "x", 30, seed=bits, bits_stored=bits, min_size=32, max_size=48, progress=False)
+    for path in summary.radiographs:
+        ds = _read(path)
+        pixels = ds.pixel_array.astype(np.int64)
+        assert ds.BitsStored == bits and pixels.shape == (ds.Rows, ds.Columns)
+        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if ds.PixelRepresentation else (0, 2**bits)
+        assert low <= pixels.min() and pixels.max() < high
 
 
 def test_forced_shape_depth_and_syntax_for_benchmarks(tmp_path: Path) -> None:
