@@ -89,6 +89,12 @@ def load_metadata_table(src: Path, options: PlainOptions) -> tuple[dict[str, dic
     text = _read_text(path)
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in (reader.fieldnames or [])]
+    explicit_missing = [f"{n}={c}" for n, c in options.csv_columns.items() if c not in header]
+    if explicit_missing:
+        raise ShardError(
+            f"metadata CSV {path.name} has no column(s) {', '.join(explicit_missing)} "
+            f"(columns are: {', '.join(header)})"
+        )
     columns = {name: col for name, col in options.columns().items() if col in header}
     if "file" not in columns:
         guess = next((c for c in FILE_COLUMN_GUESSES if c in header), None)
@@ -99,9 +105,6 @@ def load_metadata_table(src: Path, options: PlainOptions) -> tuple[dict[str, dic
                 f"metadata CSV {path.name} has no column naming the image file; map one with "
                 f"--csv-columns file=<column> (columns are: {', '.join(header)})"
             )
-    explicit_missing = [f"{n}={c}" for n, c in options.csv_columns.items() if c not in header]
-    if explicit_missing:
-        raise ShardError(f"metadata CSV {path.name} has no column(s) {', '.join(explicit_missing)}")
     table: dict[str, dict[str, str]] = {}
     # With no file column, the image is found by its stem in the patient column (figure1-style exports).
     key_column = columns.get("file", columns.get("patient"))
