@@ -789,6 +789,216 @@ def _foot(c: Canvas, b: Body, rng: np.random.Generator) -> None:
             c.blob((head[0] + dx * s, head[1]), (4 * s, 5 * s), 0, b, 0.35)
 
 
+# --- lateral views (the patient faces image left) --------------------------------------------------------
+
+
+def _chest_lat(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    child = float(np.clip((12 - b.age) / 12, 0, 1))
+    deep = rng.uniform(0.9, 1.1) * (1.0 + 0.1 * (b.age > 65))  # barrel chest in the elderly
+    torso = [(-120, -300), (-135, -150), (-140, 0), (-150, 300), (165, 300), (160, 0), (150, -150), (110, -300)]
+    c.polygon(_scaled(_jitter(rng, torso, 5), s, deep), 0.75, "soft")
+    for side_x in (-30, 40):  # raised arms over the upper chest
+        c.capsule((side_x * s, -320 * s), (side_x * s * 1.2, -120 * s), 70 * s, 0.2, "soft")
+    if b.female and b.age >= 14:
+        c.dome((-150 * s * deep, 60 * s), (45 * s, 70 * s), 0, 0.12, "organ")
+    # Both lungs superimposed: apex high, deep posterior sulcus, diaphragm sloping down to the back.
+    lung = [(-20, -190), (-75, -150), (-105, -60), (-110, 40), (-95, 70), (-50, 60), (0, 70), (60, 95), (105, 135)]
+    lung += [(118, 60), (120, -40), (100, -140), (50, -185)]
+    c.polygon(_scaled(_jitter(rng, lung, 4), s, deep), -0.2 - 0.04 * child, "organ", "lungs")
+    heart_centre = (-40 * s * deep, 30 * s)
+    heart_axes = ((62 + 10 * child) * s, 62 * s)
+    c.ellipse(heart_centre, heart_axes, 20, 0.0, "organ", "heart")
+    overlap = c.masks["lungs"] & c.masks["heart"]
+    c.layers["organ"][overlap] += 0.2 + 0.04 * child
+    c.masks["lungs"] &= ~c.masks["heart"]
+    c.dome(heart_centre, heart_axes, 20, 0.05, "organ")
+    for _ in range(int(rng.integers(10, 16))):
+        start = (rng.uniform(-20, 30) * s, rng.uniform(-40, 10) * s)
+        _vessel_tree(c, start, float(rng.uniform(-180, 180)), 90 * s, 3.5 * s, rng, depth=2)
+    c.layers["vessel"] *= c.masks["lungs"].astype(np.float32)
+    c.capsule((-5 * s, -300 * s), (20 * s, -60 * s), 16 * s, -0.12, "organ")  # trachea
+    # Thoracic spine at the back, following the kyphosis; sternum at the front.
+    kyphosis = 25 + (20 if b.age > 65 else 0)
+    for k in range(13):
+        t = k / 12
+        x = (95 + kyphosis * math.sin(math.pi * t) - 10) * s * deep
+        y = (-280 + 42 * k) * s
+        c.blob((x, y), (17 * s, 14 * s), -10 + 20 * t, b, 0.3)
+        c.capsule((x + 22 * s, y), (x + 45 * s, y + 12 * s), 9 * s, 0.12 * b.density, "bone")  # posterior elements
+    c.capsule((-132 * s * deep, -170 * s), (-128 * s * deep, 60 * s), 12 * s, 0.18 * b.density, "bone")
+    for k in range(9):  # ribs seen end-on and obliquely behind the lungs
+        y = (-160 + 30 * k) * s
+        c.polyline([(110 * s * deep, y), (40 * s, y + 30 * s), (-90 * s * deep, y + 70 * s)], 6 * s, 0.04 * b.density)
+    c.polyline(_scaled([(70, -220), (105, -40)], s, deep), 5 * s, 0.1 * b.density)  # scapular border
+
+
+def _knee_lat(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    dens = b.density
+    flex = rng.uniform(5, 25)  # knee slightly bent
+    c.polygon(_scaled([(-70, -200), (75, -200), (70, 0), (65, 200), (-55, 200), (-70, 0)], s), 0.6, "soft")
+    plate_f, plate_t = b.plate(17.5), b.plate(17.0)
+    gap = ((7 if b.age > 16 else 9) - (3 if b.age > 65 else 0)) * s
+    # Femur comes down from above; its condyles form one rounded end.
+    c.bone((8 * s, -200 * s), (4 * s, -60 * s), 30 * s, b, 0.45, None)
+    c.polygon(_scaled([(-12, -90), (22, -90), (40, -35), (-30, -35)], s), 0.0, mask="_fm")
+    c.solid("_fm", b, 0.4)
+    epi = b.ossified(0.0) if b.age > 0.05 else 0.5
+    phys = (1.5 + 5 * plate_f) * s if plate_f > 0 else 0.0
+    radius = 32 * s * epi
+    c.ellipse((8 * s, -gap / 2 - radius), (radius * 1.05, radius), 0, 0.0, mask="_fe")
+    c.polygon(
+        [
+            (-25 * s, -35 * s + phys),
+            (38 * s, -35 * s + phys),
+            (38 * s, -gap / 2 - radius),
+            (-25 * s, -gap / 2 - radius),
+        ],
+        0.0,
+        mask="_fe",
+    )
+    c.solid("_fe", b, 0.4)
+    if b.ossified(4.0) > 0:  # patella in front of the condyles
+        size = b.ossified(4.0)
+        c.blob((-45 * s, -40 * s), (12 * s * size, 24 * s * size), 15, b, 0.4, "bones")
+    # Tibia, tilted by the flexion, with its tuberosity in front; the fibular head behind.
+    top = gap / 2
+    tibia_axis = 180.0 - flex
+    c.polygon([(-30 * s, top), (40 * s, top), (34 * s, top + 16 * s), (-26 * s, top + 16 * s)], 0.0, mask="_te")
+    c.solid("_te", b, 0.4)
+    meta = top + 16 * s + ((1.5 + 5 * plate_t) * s if plate_t > 0 else 0.0)
+    c.polygon([(-26 * s, meta), (36 * s, meta), (20 * s, meta + 50 * s), (-18 * s, meta + 50 * s)], 0.0, mask="_tm")
+    c.solid("_tm", b, 0.4)
+    c.blob((-28 * s, meta + 28 * s), (8 * s, 14 * s), 0, b, 0.3, "bones")  # tuberosity
+    shaft_top = (2 * s, meta + 35 * s)
+    c.bone(shaft_top, _along(shaft_top, tibia_axis, 200 * s), 30 * s, b, 0.45)
+    fib_top = (32 * s, meta + 20 * s)
+    if b.ossified(3.0) > 0:
+        c.blob(fib_top, (10 * s, 11 * s), 0, b, 0.3, "bones")
+    c.bone((fib_top[0], fib_top[1] + 10 * s), _along(fib_top, tibia_axis, 200 * s), 12 * s, b, 0.35)
+    if b.age > 60 and rng.random() < 0.6:
+        c.polygon([(-45 * s, -30 * s), (-55 * s, -25 * s), (-45 * s, -18 * s)], 0.3 * dens)  # patellar spur
+
+
+def _lspine_lat(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    s = b.scale
+    dens = b.density
+    c.polygon(_scaled([(-170, -260), (150, -260), (170, 260), (-190, 260)], s), 0.75, "soft")
+    _bowel_gas(c, rng, s, count=int(rng.integers(3, 9)), area=(120, 200))
+    lordosis = rng.uniform(15, 35) * (0.6 if b.age > 70 else 1.0)
+    disc = (6.0 if b.age > 60 else 9.0 + 2 * (b.age < 16)) * s
+    height = 27 * s
+    y = -185 * s
+    for level in range(6):  # T12 .. L5, bodies deeper than tall
+        t = level / 5
+        x = (20 - lordosis * math.sin(math.pi * t)) * s
+        depth = (36 + 2 * level) * s
+        tilt = (-8 + 22 * t) if level > 3 else (-8 + 12 * t)
+        c.ellipse((x, y), (depth / 2, height / 2), tilt, 0.0, mask="_vb")
+        c.polygon(
+            [
+                (x - depth / 2, y - height / 2 + 3 * s),
+                (x + depth / 2, y - height / 2 + 3 * s),
+                (x + depth / 2, y + height / 2 - 3 * s),
+                (x - depth / 2, y + height / 2 - 3 * s),
+            ],
+            0.0,
+            mask="_vb",
+        )
+        c.solid("_vb", b, 0.4)
+        # Pedicle, facets and spinous process behind the body.
+        c.capsule((x + depth / 2, y - height * 0.25), (x + depth / 2 + 18 * s, y - height * 0.2), 10 * s, 0.2 * dens)
+        c.polygon(
+            [
+                (x + depth / 2 + 18 * s, y - height * 0.5),
+                (x + depth / 2 + 55 * s, y - height * 0.2),
+                (x + depth / 2 + 55 * s, y + height * 0.3),
+                (x + depth / 2 + 18 * s, y + height * 0.4),
+            ],
+            0.22 * dens,
+        )
+        if b.age > 55:
+            for sign in (-1, 1):
+                c.polygon(
+                    [
+                        (x - depth / 2, y + sign * height / 2),
+                        (x - depth / 2 - 6 * s, y + sign * (height / 2 + 3 * s)),
+                        (x - depth / 2 + 4 * s, y + sign * height / 2),
+                    ],
+                    0.3 * dens,
+                )
+        y += height + disc
+    # Sacrum angled backwards below L5.
+    x = (20 - lordosis * math.sin(math.pi)) * s
+    sacrum = [(x - 20 * s, y), (x + 30 * s, y - 5 * s), (x + 70 * s, y + 110 * s), (x + 40 * s, y + 120 * s)]
+    c.polygon(sacrum, 0.0, mask="_sacrum")
+    c.solid("_sacrum", b, 0.25, None)
+    c.ellipse((10 * s, 190 * s), (90 * s, 70 * s), -10, 0.06 * dens, "organ")  # iliac wings superimposed
+
+
+def _skull_lat(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    head = float(np.interp(b.age, [0, 1, 3, 10, 18], [0.68, 0.8, 0.87, 0.95, 1.0])) * rng.uniform(0.95, 1.05)
+    face = float(np.interp(b.age, [0, 2, 6, 12, 18], [0.45, 0.55, 0.7, 0.85, 1.0]))
+    dens = b.density
+    c.ellipse((10 * head, -20 * head), (98 * head, 82 * head), 0, 0.6, "soft")
+    c.ellipse((10 * head, -25 * head), (94 * head, 78 * head), 0, 0.4 * dens, "bone")
+    c.ellipse((10 * head, -25 * head), (86 * head, 70 * head), 0, -0.3 * dens, "bone")
+    if b.age < 1.5:
+        c.ellipse((-30 * head, -98 * head), (14 * head, 6 * head), 0, -0.2 * dens, "bone")  # fontanelle
+    base_y = 25 * head
+    c.polyline([(-60 * head, base_y - 20 * head), (0, base_y), (60 * head, base_y + 10 * head)], 8, 0.3 * dens)
+    c.ellipse(
+        (5 * head, base_y - 12 * head), (9 * head, 7 * head), 0, 0.25 * dens, "bone", thickness=2.5, arc=(0, 180)
+    )  # sella turcica
+    c.blob((45 * head, base_y + 8 * head), (14 * head, 10 * head), 0, b, 0.45)  # petrous bone
+    fx = -75 * head
+    # Face in front: orbit, maxilla, sinuses, jaw and teeth.
+    c.ellipse((fx + 15 * face, base_y - 15 * face), (16 * face, 18 * face), 0, 0.2 * dens, "bone", thickness=3 * face)
+    if b.age > 6:
+        sinus = min((b.age - 6) / 10, 1.0)
+        c.ellipse((fx + 10 * face, base_y + 25 * face), (20 * face * sinus, 15 * face * sinus), 0, -0.12, "organ")
+    c.ellipse((fx + 5 * face, base_y + 40 * face), (45 * face, 55 * face), 0, 0.45, "soft")
+    jaw = [(30, 35), (25, 80), (0, 95), (-40, 100), (-70, 92)]
+    c.polyline([(fx + 60 * face + x * face, base_y + y * face) for x, y in jaw], 10 * face, 0.3 * dens, "bone")
+    if b.age >= 0.5 and not (b.age > 70 and rng.random() < 0.5):
+        for row, y in ((0, 55), (1, 68)):
+            for k in range(7):
+                x = fx - 5 * face + k * 7 * face
+                c.capsule(
+                    (x, base_y + (y - 6 + 2 * row) * face),
+                    (x, base_y + (y + 6 - 2 * row) * face),
+                    6 * face,
+                    0.4 * dens,
+                    "bone",
+                )
+    for k in range(5):  # cervical spine behind the jaw
+        c.blob((40 * head, base_y + (60 + 24 * k) * face), (13 * face, 9 * face), 0, b, 0.25)
+    c.polygon(
+        [
+            (0, base_y + 40 * face),
+            (80 * head, base_y + 40 * face),
+            (90 * head, base_y + 200 * face),
+            (-20, base_y + 200 * face),
+        ],
+        0.45,
+        "soft",
+    )
+
+
+_LATERALS: dict[str, Callable[[Canvas, Body, np.random.Generator], None]] = {
+    "chest": _chest_lat,
+    "knee": _knee_lat,
+    "lspine": _lspine_lat,
+    "skull": _skull_lat,
+}
+
+#: Projections each body part can be drawn in ("LAT" only where a lateral phantom exists).
+VIEWS: dict[str, tuple[str, ...]] = {
+    part: ("PA", "AP", "LAT") if part in _LATERALS else ("PA", "AP") for part in BODY_PARTS
+}
+
+
 _PARTS: dict[str, Callable[[Canvas, Body, np.random.Generator], None]] = {
     "chest": _chest,
     "abdomen": _abdomen,
@@ -824,6 +1034,7 @@ def render_attenuation(
     *,
     laterality: str | None = None,
     field_mm: float | None = None,
+    view: str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
     """Draw one phantom at working resolution.
 
@@ -846,7 +1057,12 @@ def render_attenuation(
         rotation_deg=float(rng.normal(0.0, 3.0)),
         shift_mm=(float(rng.normal(0.0, 0.02 * fov_long)), float(rng.normal(0.0, 0.02 * fov_long))),
     )
-    _PARTS[body_part](canvas, body, rng)
+    if view == "LAT":
+        if body_part not in _LATERALS:
+            raise ValueError(f"no lateral view of '{body_part}'; lateral views exist for {', '.join(_LATERALS)}")
+        _LATERALS[body_part](canvas, body, rng)
+    else:
+        _PARTS[body_part](canvas, body, rng)
     att = canvas.render(mm_per_px)
     # Trabecular texture: low-amplitude band-passed noise modulating bone only.
     texture: np.ndarray = cv2.GaussianBlur(
@@ -913,6 +1129,7 @@ def make_radiograph(
     laterality: str | None = None,
     collimate: bool | None = None,
     field_mm: float | None = None,
+    view: str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One synthetic radiograph as stored MONOCHROME2 values (higher = more attenuation).
 
@@ -925,6 +1142,7 @@ def make_radiograph(
         bits_stored: values use the range 0 .. 2**bits_stored - 1.
         laterality: "L" mirrors a sided part (hand, knee, foot, shoulder) and prints an "L" marker.
         collimate: add shutter edges (None: at random for extremities).
+        view: "LAT" draws a lateral projection where `VIEWS` allows it; anything else a frontal one.
         field_mm: long side of the field of view in mm (pixel spacing = field_mm / long side); None draws a
             typical one for the body part and age.
 
@@ -939,7 +1157,9 @@ def make_radiograph(
     shape = default_shape(body_part, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if min(shape) < 8:
         raise ValueError(f"image size must be at least 8 pixels per side, got {shape}")
-    att, masks, _ = render_attenuation(body_part, age, sex, shape, rng, laterality=laterality, field_mm=field_mm)
+    att, masks, _ = render_attenuation(
+        body_part, age, sex, shape, rng, laterality=laterality, field_mm=field_mm, view=view
+    )
     if collimate is None:
         collimate = body_part in SIDED and rng.random() < 0.5
     if collimate:

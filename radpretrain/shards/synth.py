@@ -23,6 +23,7 @@ from radpretrain.shards.phantoms import (
     BODY_PARTS,
     MASK_STRUCTURES,
     SIDED,
+    VIEWS,
     Body,
     default_shape,
     field_of_view,
@@ -114,6 +115,7 @@ _PART_PHRASES: dict[str, tuple[str, ...]] = {
 _VAGUE_PHRASES = ("XR 1 VIEW", "Aufnahme", "RX", "PORTABLE", "Radiograph", "XR OUTSIDE FILMS")
 _FREE_TEXT = ("fell at home", "pain after fall", "follow-up", "trauma", "fever and cough", "rule out fracture")
 _VIEWS = {"chest": ("PA", "AP"), "skull": ("PA", "AP")}  # other parts: AP (PA for the hand)
+_LATERAL_TAGS = ("LL", "RL", "LAT", "LATERAL")  # how ViewPosition spells a lateral
 
 # (Manufacturer as written, normalised vendor as radpretrain.shards.labels names it).
 _CR_VENDORS = (
@@ -560,7 +562,14 @@ class _Planner:
         for k in range(int(rng.integers(1, 3))):
             if len(specs) >= room:
                 break
-            series = {"index": k, "SeriesInstanceUID": self.uid("series", pix, k), "laterality": laterality}
+            # The usual pair: a frontal series, then a lateral one where the part has a lateral phantom.
+            lateral = k == 1 and "LAT" in VIEWS[part] and rng.random() < 0.75
+            series = {
+                "index": k,
+                "SeriesInstanceUID": self.uid("series", pix, k),
+                "laterality": laterality,
+                "view": "LAT" if lateral else None,
+            }
             for i in range(int(rng.integers(1, 3))):
                 if len(specs) >= room:
                     break
@@ -589,6 +598,7 @@ class _Planner:
         view = self.pick(_VIEWS.get(part, ("PA",) if part == "hand" else ("AP",)))
         if part == "chest" and study["age_days"] < 3 * 365:
             view = "AP"  # infants are imaged supine
+        view = series.get("view") or view
         header: dict[str, Any] = {}
         # Descriptions: the body part may live in the tag, in a description, in the protocol, or nowhere.
         phrase = self.pick(_PART_PHRASES[part])
@@ -619,7 +629,7 @@ class _Planner:
         if age_mode == "age_only" and rng.random() < 0.5:
             study_date = None
         sex_tag = patient["sex"] if rng.random() > 0.03 else ""
-        view_tag = view if rng.random() > 0.1 else None
+        view_tag = (self.pick(_LATERAL_TAGS) if view == "LAT" else view) if rng.random() > 0.1 else None
         laterality = series["laterality"]
         lat_tags: dict[str, str] = {}
         if laterality is not None:
@@ -755,7 +765,10 @@ class _Planner:
         if kind == "dicomdir":
             # The first index sits at the top of the export, as on a disc; later ones in patient folders.
             first = k == HOSTILE_KINDS.index("dicomdir")
-            rel = self.unique("DICOMDIR" if first else f"{self.pick(self.hosts)['patient']['folder']}/DICOMDIR")
+            folder = "" if first else self.pick(self.hosts)["patient"]["folder"] + "/"
+            if f"{folder}DICOMDIR" in self.used_paths:
+                folder += f"DISC{k:03d}/"  # a second disc's index
+            rel = self.unique(f"{folder}DICOMDIR")
             chosen = radiographs[: int(rng.integers(1, 4))]
             records = [{"rel": r["rel"], "sop": r["sop"], "study": r["study"]} for r in chosen]
             return {"kind": kind, "rel": rel, "records": records}
@@ -904,6 +917,7 @@ def _write_image(root: Path, path: Path, spec: dict[str, Any]) -> dict[str, Any]
                 bits_stored=bits,
                 laterality=spec["laterality"],
                 field_mm=spec["field_mm"],
+                view=spec["view"],
             )
             if kind == "rgb":
                 ds, written = _rgb_dataset(spec, image, bits)

@@ -12,7 +12,7 @@ from pydicom.errors import InvalidDicomError
 
 from radpretrain.cli import main
 from radpretrain.errors import ConfigError
-from radpretrain.shards.phantoms import BODY_PARTS, MASK_STRUCTURES, make_radiograph
+from radpretrain.shards.phantoms import BODY_PARTS, MASK_STRUCTURES, VIEWS, make_radiograph
 from radpretrain.shards.synth import HOSTILE_KINDS, SynthSummary, available_syntaxes, checksum, generate
 
 MARKER = "ZQX"
@@ -147,6 +147,9 @@ def test_header_variety(export: SynthSummary) -> None:
     assert any(float(ds.get("RescaleIntercept", 0)) != 0 or float(ds.get("RescaleSlope", 1)) != 1 for ds in headers)
     assert {ds.Modality for ds in headers} >= {"CR", "DX"}
     assert {ds.PixelRepresentation for ds in headers} == {0, 1}
+    views = {export.files[p.relative_to(export.root).as_posix()]["view"] for p in export.radiographs}
+    assert {"AP", "PA", "LAT"} <= views
+    assert {ds.ViewPosition for ds in headers if "ViewPosition" in ds} & {"LL", "RL", "LAT", "LATERAL"}
     assert any("ImagerPixelSpacing" in ds for ds in headers) and any("PixelSpacing" in ds for ds in headers)
     assert len({ds.get("Manufacturer") for ds in headers}) >= 4
     assert any("Laterality" in ds or "ImageLaterality" in ds for ds in headers)
@@ -299,6 +302,14 @@ def test_phantoms_differ_by_part_and_show_age() -> None:
     child = make_radiograph("hand", 3, "M", 128, np.random.default_rng(1), collimate=False)[1]["bones"]
     adult = make_radiograph("hand", 30, "M", 128, np.random.default_rng(1), collimate=False)[1]["bones"]
     assert child.mean() < 0.7 * adult.mean()
+    # Lateral projections exist for some parts and look unlike the frontal ones.
+    for part in ("chest", "knee", "lspine", "skull"):
+        assert VIEWS[part] == ("PA", "AP", "LAT")
+        lateral = make_radiograph(part, 40, "F", 96, np.random.default_rng(0), view="LAT")[0]
+        small = cv2.resize(lateral.astype(np.float32), (64, 64))
+        assert np.corrcoef(small.ravel(), images[part].ravel())[0, 1] < 0.9, part
+    with pytest.raises(ValueError, match="no lateral view"):
+        make_radiograph("hand", 3, "M", 64, np.random.default_rng(0), view="LAT")
     with pytest.raises(ValueError, match="unknown body part"):
         make_radiograph("tail", 3, "M", 64, np.random.default_rng(0))
 
