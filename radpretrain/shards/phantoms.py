@@ -822,7 +822,7 @@ def _chest_lat(c: Canvas, b: Body, rng: np.random.Generator) -> None:
     kyphosis = 25 + (20 if b.age > 65 else 0)
     for k in range(13):
         t = k / 12
-        x = (95 + kyphosis * math.sin(math.pi * t) - 10) * s * deep
+        x = (70 + kyphosis * math.sin(math.pi * t) - 10) * s * deep
         y = (-280 + 42 * k) * s
         c.blob((x, y), (17 * s, 14 * s), -10 + 20 * t, b, 0.3)
         c.capsule((x + 22 * s, y), (x + 45 * s, y + 12 * s), 9 * s, 0.12 * b.density, "bone")  # posterior elements
@@ -941,12 +941,12 @@ def _skull_lat(c: Canvas, b: Body, rng: np.random.Generator) -> None:
     head = float(np.interp(b.age, [0, 1, 3, 10, 18], [0.68, 0.8, 0.87, 0.95, 1.0])) * rng.uniform(0.95, 1.05)
     face = float(np.interp(b.age, [0, 2, 6, 12, 18], [0.45, 0.55, 0.7, 0.85, 1.0]))
     dens = b.density
-    c.ellipse((10 * head, -20 * head), (98 * head, 82 * head), 0, 0.6, "soft")
-    c.ellipse((10 * head, -25 * head), (94 * head, 78 * head), 0, 0.4 * dens, "bone")
-    c.ellipse((10 * head, -25 * head), (86 * head, 70 * head), 0, -0.3 * dens, "bone")
+    c.ellipse((10 * head, 0), (98 * head, 82 * head), 0, 0.6, "soft")
+    c.ellipse((10 * head, -5 * head), (94 * head, 78 * head), 0, 0.4 * dens, "bone")
+    c.ellipse((10 * head, -5 * head), (86 * head, 70 * head), 0, -0.3 * dens, "bone")
     if b.age < 1.5:
-        c.ellipse((-30 * head, -98 * head), (14 * head, 6 * head), 0, -0.2 * dens, "bone")  # fontanelle
-    base_y = 25 * head
+        c.ellipse((-30 * head, -78 * head), (14 * head, 6 * head), 0, -0.2 * dens, "bone")  # fontanelle
+    base_y = 45 * head
     c.polyline([(-60 * head, base_y - 20 * head), (0, base_y), (60 * head, base_y + 10 * head)], 8, 0.3 * dens)
     c.ellipse(
         (5 * head, base_y - 12 * head), (9 * head, 7 * head), 0, 0.25 * dens, "bone", thickness=2.5, arc=(0, 180)
