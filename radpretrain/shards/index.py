@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.jsonl"
 INDEX_META = "index.json"
 PATHS_FILE = "paths.jsonl"
+#: Below this many files the pool's start-up (a second or two per worker) costs more than it saves.
+POOL_MIN_FILES = 64
 PROJECTION_MODALITIES: tuple[str, ...] = ("CR", "DX", "MG", "RF", "XA", "DR")
 
 # Reasons are fixed identifiers (never header text): they name why a file is not a sample.
@@ -305,7 +307,7 @@ def _index_rows(
     init_args = (src, pseudonymize.key, to_dict(options), table)
     bar = tqdm(total=len(relpaths), unit="files", desc="index", disable=not progress, smoothing=0.1)
     try:
-        if workers <= 1 or len(relpaths) < 64:
+        if workers <= 1 or len(relpaths) < POOL_MIN_FILES:
             _init_worker(*init_args)
             for relpath in relpaths:
                 yield _row_for(relpath)

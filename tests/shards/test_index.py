@@ -1,0 +1,98 @@
+"""The header-only index: statuses and reasons, the private path table, options, and bad sources."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from radpretrain.errors import ShardError
+from radpretrain.shards import deid, index
+from radpretrain.shards.index import IndexOptions, build_index, read_index, read_private_paths
+from tests.shards.helpers import make_radiograph
+
+PSEUDO = deid.Pseudonymizer(b"k" * 32)
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    src = tmp_path / "Smith John 1950"
+    make_radiograph(src / "ok" / "a.dcm", "P1", seed=1)
+    make_radiograph(src / "ok" / "b.dcm", "P2", seed=2, age=None)
+    make_radiograph(src / "ct.dcm", "P1", modality="CT")
+    make_radiograph(src / "burned.dcm", "P3", burned_in="YES")
+    make_radiograph(src / "rgb.dcm", "P3", photometric="RGB")
+    (src / "notes.txt").write_text("not a dicom file")
+    (src / "empty.dcm").write_bytes(b"")
+    cv2.imwrite(str(src / "thumb.png"), np.zeros((8, 8), np.uint8))
+    return src
+
+
+def _by_path(out: Path, private: Path) -> dict[str, dict]:
+    _, paths = read_private_paths(private)
+    return {paths[row["file"]]: row for row in read_index(out).rows}  # type: ignore[union-attr]
+
+
+def test_statuses_reasons_and_private_paths(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build_index(archive, out, PSEUDO, progress=False)
+    private = tmp_path / "out.private"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    rows = _by_path(out, private)
+    assert {p: (r["status"], r["reason"]) for p, r in rows.items()} == {
+        "ok/a.dcm": ("ok", None),
+        "ok/b.dcm": ("ok", None),
+        "ct.dcm": ("skipped", "modality not selected"),
+        "burned.dcm": ("skipped", "burned-in annotation"),
+        "rgb.dcm": ("skipped", "colour image (photometric RGB)"),
+        "notes.txt": ("skipped", "not a DICOM file"),
+        "empty.dcm": ("skipped", "empty file"),
+        "thumb.png": ("skipped", "not a DICOM file"),  # a thumbnail in a DICOM export is not a radiograph
+    }
+    assert rows["ok/a.dcm"]["sop"] and rows["ok/a.dcm"]["age_years"] == 45 and rows["ok/b.dcm"]["age_years"] is None
+    public = (out / "index.jsonl").read_text() + (out / "index.json").read_text()
+    for secret in ("Smith", "a.dcm", "P1", "notes.txt"):
+        assert secret not in public
+    source, _ = read_private_paths(private)
+    assert source == archive.resolve()
+
+
+def test_options_change_what_is_selected(archive: Path, tmp_path: Path) -> None:
+    options = IndexOptions(modalities=["CR", "CT"], include_burned_in=True, images="yes")
+    build_index(archive, tmp_path / "out", PSEUDO, options, progress=False)
+    rows = _by_path(tmp_path / "out", tmp_path / "out.private")
+    assert all(rows[p]["status"] == "ok" for p in ("ct.dcm", "burned.dcm", "thumb.png"))
+    assert rows["thumb.png"]["kind"] == "image"
+
+
+def test_pool_gives_the_same_rows(archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    serial = build_index(archive, tmp_path / "one", PSEUDO, progress=False)
+    monkeypatch.setattr(index, "POOL_MIN_FILES", 0)
+    pooled = build_index(archive, tmp_path / "two", PSEUDO, workers=2, progress=False)
+    assert pooled.rows == serial.rows
+
+
+def test_bad_sources_and_folders(archive: Path, tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match="does not exist"):
+        build_index(tmp_path / "missing", tmp_path / "out", PSEUDO)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="holds no files"):
+        build_index(tmp_path / "empty", tmp_path / "out", PSEUDO)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello")
+    with pytest.raises(ShardError, match="none is a DICOM file"):
+        build_index(tmp_path / "texts", tmp_path / "out", PSEUDO, progress=False)
+    with pytest.raises(ShardError, match="inside the source folder"):
+        build_index(archive, archive / "out", PSEUDO)
+    with pytest.raises(ShardError, match="private folder must not be inside"):
+        build_index(archive, tmp_path / "out", PSEUDO, private_dir=tmp_path / "out" / "p", progress=False)
+    assert read_index(tmp_path / "nothing") is None
+    build_index(archive, tmp_path / "out", PSEUDO, progress=False)
+    meta = json.loads((tmp_path / "out" / "index.json").read_text())
+    (tmp_path / "out" / "index.json").write_text(json.dumps({**meta, "files": meta["files"] + 1}))
+    with pytest.raises(ShardError, match="incomplete"):
+        read_index(tmp_path / "out")
