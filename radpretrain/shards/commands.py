@@ -264,7 +264,12 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         ),
     )
     _add_source_options(parser)
-    parser.add_argument("--size", type=positive_int, default=512, help="longest image side in pixels (default 512)")
+    parser.add_argument(
+        "--size",
+        type=positive_int,
+        default=512,
+        help="shrink images so the longest side is at most SIZE pixels (default 512; never upscaled)",
+    )
     parser.add_argument(
         "--shard-size", type=positive_int, default=1000, help="files per shard (unit of work; default 1000)"
     )

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import tarfile
 import time
 from collections import Counter
@@ -59,6 +60,11 @@ UNEXPECTED = "unexpected error"
 
 class SkipFile(Exception):
     """A file that is fine but not used (colour, policy); `reason` is a fixed phrase."""
+
+
+def temp_suffix() -> str:
+    """Unique per process across machines (parts on several nodes may share OUT on a network file system)."""
+    return f"{TMP_MARK}{socket.gethostname()}-{os.getpid()}"
 
 
 def unit_paths(out: Path, name: str) -> tuple[Path, Path]:
@@ -253,7 +259,7 @@ def write_unit(
     out = Path(settings.out)
     src = Path(settings.src)
     tar_path, stats_path = unit_paths(out, task.name)
-    tmp_tar = out / f".{task.name}.tar{TMP_MARK}{os.getpid()}"
+    tmp_tar = out / f".{task.name}.tar{temp_suffix()}"
     started = time.perf_counter()
     skipped: Counter[str] = Counter()
     failed: Counter[str] = Counter()
@@ -299,7 +305,7 @@ def write_unit(
         "composition": {name: dict(sorted(c.items())) for name, c in composition.items()},
         "seconds": round(time.perf_counter() - started, 3),
     }
-    tmp_stats = out / f".{task.name}.stats.json{TMP_MARK}{os.getpid()}"
+    tmp_stats = out / f".{task.name}.stats.json{temp_suffix()}"
     tmp_stats.write_text(json.dumps(stats, indent=1) + "\n")
     os.replace(tmp_stats, stats_path)
     return stats
@@ -441,7 +447,7 @@ def shard(
         )
 
     units = select_part(plan.units, part)
-    clean_temp(out_path, [u.name for u in units])
+    clean_temp(out_path, None if part is None else [u.name for u in units])
     todo = [u for u in units if not is_done(out_path, u.name, plan.fingerprint)]
     rows = {row["file"]: row for row in index.rows}
     tasks = [UnitTask(u.name, u.split, [(f, paths[f], rows[f]) for f in u.files]) for u in todo]
@@ -535,7 +541,7 @@ def _check_plan(out: Path, plan: Plan, overwrite: bool) -> None:
         removed = remove_outputs(out)
         log.info("--overwrite: removed %d files of the previous plan", removed)
     if old is None or old.get("fingerprint") != plan.fingerprint:
-        tmp = out / f".{PLAN_FILE}{TMP_MARK}{os.getpid()}"
+        tmp = out / f".{PLAN_FILE}{temp_suffix()}"
         tmp.write_text(json.dumps(plan.to_json(), separators=(",", ":")) + "\n")
         os.replace(tmp, out / PLAN_FILE)
 
@@ -636,12 +642,12 @@ def write_manifest(out: Path, plan: Plan, index: Index, config: ShardConfig) -> 
         },
         "shard_bytes": shard_bytes,
     }
-    tmp = out / f".{ERRORS}{TMP_MARK}{os.getpid()}"
+    tmp = out / f".{ERRORS}{temp_suffix()}"
     with tmp.open("w") as handle:
         for error in errors:
             handle.write(json.dumps(error, separators=(",", ":")) + "\n")
     os.replace(tmp, out / ERRORS)
-    tmp = out / f".{MANIFEST}{TMP_MARK}{os.getpid()}"
+    tmp = out / f".{MANIFEST}{temp_suffix()}"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)
     return manifest
