@@ -59,12 +59,16 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"results file not found: {path} (run `radpretrain sweep CONFIG` first)")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the line a running sweep is writing now
             raise ConfigError(f"{path} line {number} is not JSON; remove the line and rerun") from None
     if not rows:
         raise ConfigError(f"{path} holds no results yet")

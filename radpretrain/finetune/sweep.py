@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -159,17 +160,27 @@ def cells_of(cfg: SweepConfig) -> list[Cell]:
 
 
 def finished_cells(results: Path) -> set[str]:
-    """Ids of the cells with a result line; a torn last line (killed mid-write) is ignored and redone."""
+    """Ids of the cells with a result line. A torn line (a sweep killed mid-write) is dropped from the file,
+    atomically, so that its cell runs again and the next line starts clean."""
     done: set[str] = set()
     if not results.is_file():
         return done
-    for line in results.read_text().splitlines():
+    text = results.read_text()
+    kept = []
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        kept.append(line)
         if row.get("status") == "ok":
             done.add(row["cell"])
+    repaired = "".join(line + "\n" for line in kept)
+    if repaired != text:
+        log.warning("sweep: dropped %d torn line(s) from %s", len(text.splitlines()) - len(kept), results.name)
+        tmp = results.with_name(results.name + ".tmp")
+        tmp.write_text(repaired)
+        os.replace(tmp, results)
     return done
 
 

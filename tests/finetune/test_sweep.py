@@ -1,0 +1,145 @@
+"""Sweeps end to end (2D synthetic lungs, real 3D volumes), resume, patient-level splits, early refusals."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from radpretrain.cli import main
+from radpretrain.config import load_config
+from radpretrain.data.cohorts import Case
+from radpretrain.errors import CohortError, ConfigError
+from radpretrain.finetune import sweep
+from radpretrain.finetune.config import SweepConfig
+
+from .conftest import SHARED_DATA
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lung_sweep_runs_pairs_and_resumes(lung_cohort, pretrained_encoder, tmp_path):
+    out = tmp_path / "sweep"
+    args = [
+        "sweep",
+        f"finetune.cohort={lung_cohort}",
+        "finetune.structure=lungs",
+        f"finetune.encoder={pretrained_encoder}",
+        "finetune.size=32",
+        "finetune.epochs=2",
+        "finetune.batch_size=4",
+        "finetune.cpu=true",
+        "finetune.progress=false",
+        "label_counts=[4, 8]",
+        "repeats=2",
+        "strategies=[random, full, transfusion:1]",
+        "test_count=8",
+        "keep_cells=false",
+        f"out={out}",
+    ]
+    assert main(args) == 0
+    rows = lines(out / "results.jsonl")
+    assert len(rows) == 12 and len({r["cell"] for r in rows}) == 12
+    assert {r["strategy"] for r in rows} == {"random", "full", "transfusion:1"}
+    # One fixed test set; each (label count, repeat) is one subset and seed shared by all strategies.
+    (n_test,) = {r["n_test"] for r in rows}
+    assert n_test >= 8  # whole patients until at least test_count cases
+    for n in (4, 8):
+        for repeat in (0, 1):
+            seeds = {r["seed"] for r in rows if r["n_labels"] == n and r["repeat"] == repeat}
+            assert len(seeds) == 1
+            assert {r["n_train"] + r["n_val"] for r in rows if r["n_labels"] == n and r["repeat"] == repeat} == {n}
+    assert all(0.0 <= r["metrics"]["dice"] <= 1.0 and r["seconds"]["train"] > 0 for r in rows)
+    assert "| random |" in (out / "report.md").read_text() and (out / "learning_curve.png").is_file()
+
+    # Resume: a rerun finds nothing to do; a cell whose line was lost (killed mid-write) is redone alone.
+    started = time.perf_counter()
+    assert main(args) == 0
+    assert len(lines(out / "results.jsonl")) == 12
+    assert time.perf_counter() - started < 20
+    text = (out / "results.jsonl").read_text().splitlines()
+    lost = json.loads(text[5])["cell"]
+    (out / "results.jsonl").write_text("\n".join(text[:5] + text[6:]) + "\n" + text[5][:40])
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.endswith("}")]
+    assert len(rows) == 12 and rows[-1]["cell"] == lost
+
+
+def test_volume_sweep_on_real_3d_data(pretrained_encoder, tmp_path):
+    volumes = SHARED_DATA / "volumes-3d"
+    assert volumes.is_dir(), f"the shared real data is expected at {volumes}"
+    cfg = load_config(
+        SweepConfig,
+        None,
+        [
+            f"finetune.cohort={volumes}",
+            f"finetune.encoder={pretrained_encoder}",
+            "finetune.size=32",
+            "finetune.epochs=1",
+            "finetune.batch_size=2",
+            "finetune.cpu=true",
+            "finetune.progress=false",
+            "label_counts=[1, 2]",
+            "repeats=1",
+            "strategies=[random, full]",
+            "test_count=1",
+            f"out={tmp_path}",
+        ],
+    )
+    rows = lines(sweep.run_sweep(cfg))
+    assert len(rows) == 4 and {r["kind"] for r in rows} == {"seg3d"}
+    assert {r["n_test"] for r in rows} == {1} and sorted({r["n_train"] for r in rows}) == [1, 2]
+    assert all(0.0 <= r["metrics"]["dice"] <= 1.0 for r in rows)
+    # Cells keep their run folders; a 3D run saves the model but no 2D encoder folder.
+    cell = next((tmp_path / "cells").iterdir())
+    assert (cell / "metrics.json").is_file() and (cell / "model.safetensors").is_file()
+    assert not (cell / "encoder").exists()
+
+
+def test_grids_that_cannot_run_are_refused_before_any_cell(lung_cohort, pretrained_encoder, tmp_path):
+    base = [
+        f"finetune.cohort={lung_cohort}",
+        "finetune.structure=lungs",
+        f"finetune.encoder={pretrained_encoder}",
+        f"out={tmp_path}",
+        "test_count=8",
+        "label_counts=[4]",
+    ]
+    cfg = load_config(SweepConfig, None, [*base, "label_counts=[4, 500]"])
+    with pytest.raises(CohortError, match=r"label count\(s\) \[500\] exceed the pool of \d+ case"):
+        sweep.run_sweep(cfg)
+    assert not (tmp_path / "results.jsonl").exists()
+    with pytest.raises(ConfigError, match="Did you mean 'lp-ft'"):
+        sweep.run_sweep(load_config(SweepConfig, None, [*base, "strategies=[random, lpft]"]))
+    with pytest.raises(ConfigError, match=r"set finetune\.weak\.cohort"):
+        sweep.run_sweep(load_config(SweepConfig, None, [*base, "strategies=[weak+full]"]))
+    with pytest.raises(CohortError, match="choose one with structure=NAME"):
+        sweep.run_sweep(load_config(SweepConfig, None, [f"finetune.cohort={lung_cohort}", f"out={tmp_path}"]))
+    assert main(["sweep", f"finetune.cohort={lung_cohort}", "label_counts=[0]"]) == 2
+
+
+def cases(patients: int, per: int) -> list[Case]:
+    return [Case(f"p{p}-{i}", f"p{p}", None, 0) for p in range(patients) for i in range(per)]  # type: ignore[arg-type]
+
+
+def test_splits_are_patient_level_seeded_and_exact():
+    everyone = cases(10, 3)
+    pool, test = sweep.split_test(everyone, count=6, seed=1)
+    assert len(test) == 6 and len(pool) == 24
+    assert {c.patient for c in pool}.isdisjoint({c.patient for c in test})
+    assert sweep.split_test(everyone, count=6, seed=1) == (pool, test)
+    assert sweep.split_test(everyone, count=6, seed=2) != (pool, test)
+    labeled = sweep.draw_labeled(pool, 5, seed=sweep.subset_seed(0, 5, 0))
+    assert len(labeled) == 5 and len({c.id for c in labeled}) == 5 and set(labeled) <= set(pool)
+    # Patient by patient: at most one patient is cut short.
+    per_patient = {p: sum(c.patient == p for c in labeled) for p in {c.patient for c in labeled}}
+    assert sorted(per_patient.values())[1:] == [3] * (len(per_patient) - 1)
+    repeats = {tuple(c.id for c in sweep.draw_labeled(pool, 5, seed=sweep.subset_seed(0, 5, r))) for r in range(4)}
+    assert len(repeats) > 1
+    with pytest.raises(CohortError, match="label count 25 is larger than the pool of 24"):
+        sweep.draw_labeled(pool, 25, seed=0)
+    with pytest.raises(CohortError, match="leaves nothing to train on"):
+        sweep.split_test(cases(1, 5), count=2)
