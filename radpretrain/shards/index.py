@@ -112,13 +112,22 @@ def list_files(src: Path, skip: set[Path] | None = None) -> list[str]:
     """Every regular file under `src` as a sorted POSIX relative path (sorted so plans are reproducible)."""
     skip = skip or set()
     found: list[str] = []
-    for root, dirs, files in os.walk(src):
+    unreadable: list[OSError] = []
+    for root, dirs, files in os.walk(src, onerror=unreadable.append):
         dirs.sort()
         for name in sorted(files):
             path = Path(root) / name
-            if path in skip or not path.is_file():
+            # A broken link is kept: it is a file of the export that cannot be read, and is counted as such.
+            if path in skip or not (path.is_file() or path.is_symlink()):
                 continue
             found.append(path.relative_to(src).as_posix())
+    if unreadable:
+        # The folder names may hold patient names, so only the count is reported.
+        log.warning(
+            "warning: %d folder(s) under the source could not be listed (permissions?); their files are not "
+            "indexed and not counted",
+            len(unreadable),
+        )
     found.sort()
     return found
 

@@ -29,6 +29,7 @@ def archive(tmp_path: Path) -> Path:
     (src / "notes.txt").write_text("not a dicom file")
     (src / "empty.dcm").write_bytes(b"")
     cv2.imwrite(str(src / "thumb.png"), np.zeros((8, 8), np.uint8))
+    (src / "gone.dcm").symlink_to(tmp_path / "deleted.dcm")
     return src
 
 
@@ -52,6 +53,7 @@ def test_statuses_reasons_and_private_paths(archive: Path, tmp_path: Path) -> No
         "notes.txt": ("skipped", "not a DICOM file"),
         "empty.dcm": ("skipped", "empty file"),
         "thumb.png": ("skipped", "not a DICOM file"),  # a thumbnail in a DICOM export is not a radiograph
+        "gone.dcm": ("failed", "unreadable file"),  # a broken link is seen and counted
     }
     assert rows["ok/a.dcm"]["sop"] and rows["ok/a.dcm"]["age_years"] == 45 and rows["ok/b.dcm"]["age_years"] is None
     public = (out / "index.jsonl").read_text() + (out / "index.json").read_text()
@@ -66,6 +68,7 @@ def test_options_change_what_is_selected(archive: Path, tmp_path: Path) -> None:
     build_index(archive, tmp_path / "out", PSEUDO, options, progress=False)
     rows = _by_path(tmp_path / "out", tmp_path / "out.private")
     assert all(rows[p]["status"] == "ok" for p in ("ct.dcm", "burned.dcm", "thumb.png"))
+    assert rows["rgb.dcm"]["status"] == "skipped"
     assert rows["thumb.png"]["kind"] == "image"
 
 
