@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from radpretrain import __version__
+from radpretrain import __version__, intensity
 from radpretrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -148,28 +148,37 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 def model_card(card: dict[str, Any], encoder_name: str) -> str:
     """A README for an exported encoder: data, objectives, probe scores, use, limits and how to load it."""
+    import timm
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(encoder_name)
+    fixed_size = pretrained_cfg is not None and pretrained_cfg.fixed_input_size
+    size_arg = f", img_size={card['input_size'][1]}" if fixed_size else ""
     data = card.get("data") or {}
     splits = data.get("splits") or {}
     split_text = ", ".join(f"{name} {info.get('samples', '?')}" for name, info in splits.items()) or "unknown"
+    total = sum(int(info.get("samples") or 0) for info in splits.values())
     tasks = ", ".join(f"{name} (weight {weight:g})" for name, weight in card["pretext_tasks"].items())
     lines = [
         f"# Radiograph encoder: {encoder_name}",
         "",
         f"A `{encoder_name}` image encoder (timm, one input channel, {card['input_size'][1]} px) pretrained with "
-        f"radpretrain {card['radpretrain_version']} by self-supervision on de-identified radiograph shards.",
+        f"radpretrain {card['radpretrain_version']} on de-identified radiograph shards, with the pretext "
+        "objectives below (no human labels; `metadata` learns from DICOM header fields).",
         "",
         "## Training",
         "",
         f"- Objectives: {tasks}.",
         f"- Steps: {card['steps']} ({card['images_seen']} images seen), seed {card['seed']}.",
-        f"- Data: {split_text} images (samples per split); stored longest side {data.get('size', '?')} px.",
+        f"- Data: {total} images ({split_text}); trained on the train split; stored longest side "
+        f"{data.get('size', '?')} px.",
+        "- Composition of the archive (all splits):",
     ]
     composition = data.get("composition") or {}
     for field_name in ("body_part", "modality", "age_bucket", "sex", "view"):
         counts = composition.get(field_name)
         if isinstance(counts, dict) and counts:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -_as_int(kv[1])))
-            lines.append(f"- {field_name.replace('_', ' ').capitalize()}: {shown}.")
+            lines.append(f"  - {field_name.replace('_', ' ')}: {shown}.")
     lines += ["", "## Probe scores (frozen features, val split)", ""]
     probes = card.get("probes") or {}
     scores = {k: v for k, v in probes.items() if isinstance(v, (int, float)) and "/" in k}
@@ -199,8 +208,9 @@ def model_card(card: dict[str, Any], encoder_name: str) -> str:
         "- Learned from one archive: scanners, protocols, populations and body-part mix of that archive "
         "shape what it represents; check transfer on your own held-out data.",
         "- Probe labels come from DICOM headers (body part, age), which are sometimes wrong or missing.",
-        f"- Inputs must follow the intensity convention `{card.get('intensity_convention', 'see encoder.json')}` "
-        "(one channel, windowed to [0, 1], then (x - 0.5) / 0.25); other preprocessing gives worse features.",
+        f"- Inputs must follow the intensity convention `{intensity.CONVENTION}` (one channel, higher = more "
+        f"attenuation, windowed to [0, 1], then (x - {intensity.MEAN}) / {intensity.STD}); other preprocessing "
+        "gives worse features.",
         "",
         "## How to load",
         "",
@@ -213,7 +223,7 @@ def model_card(card: dict[str, Any], encoder_name: str) -> str:
         "",
         "```python",
         "import timm, safetensors.torch",
-        f'model = timm.create_model("{encoder_name}", in_chans=1, num_classes=0, pretrained=False)',
+        f'model = timm.create_model("{encoder_name}", in_chans=1, num_classes=0, pretrained=False{size_arg})',
         'model.load_state_dict(safetensors.torch.load_file("encoder.safetensors"))',
         "```",
         "",

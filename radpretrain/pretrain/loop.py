@@ -221,8 +221,8 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
                 accelerator.log({f"probe/{k}": v for k, v in probe.items() if "/" in k}, step=state.step)
     if main:
         write_summary(run_dir, cfg, manifest, state, summary, probe)
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers and the process group: last
     # Any process may have received the signal; the all-reduced flag stopped them all.
     stopped_by = signal.Signals(stop.received or signal.SIGTERM) if signalled and stopping else None
     return RunResult(step=state.step, run_dir=run_dir, probe=probe, main=main, stopped_by=stopped_by)
@@ -482,7 +482,7 @@ def run_probe(
             k=cfg.probe.k,
             image_key="plain",
         )
-    scores["step"] = float(step)
+    scores["step"] = step
     if accelerator.is_main_process:
         shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k.startswith(("knn/", "linear/")))
         log.info("probe at step %d: %s", step, shown)

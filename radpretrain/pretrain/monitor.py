@@ -131,6 +131,6 @@ def run_probes(
             {name: np.concatenate([g[1][name] for g in gathered]) for name in labels},
         )
     scores = probe_scores(parts["train"], parts["val"], vocab, k=k)
-    scores["train_samples"] = float(len(parts["train"][0]))
-    scores["val_samples"] = float(len(parts["val"][0]))
+    scores["train_samples"] = len(parts["train"][0])
+    scores["val_samples"] = len(parts["val"][0])
     return scores

@@ -1,0 +1,228 @@
+"""Loader speed: two-view 224 px samples per core from shards vs opening each DICOM file per sample, side by side.
+
+    python bench/loader.py            # 100 radiographs of 2500 x 2000 (12-bit) + 24 compressed ones
+    python bench/loader.py --quick    # 30 + 8
+
+What is compared, on the same synthetic radiographs (`radpretrain.shards.synth.generate`), each producing
+batches of 32 samples with two strong 224 px views (`radpretrain.data.transforms`, the loop's policy) and
+the header labels through a DataLoader in this one process (one thread: torch, cv2 and BLAS limited to 1):
+- shards: `radpretrain.shards.reader.build_pipeline` over the archive sharded at 512 px (what the
+  pretraining loop reads);
+- per-file DICOM: a map-style Dataset whose `__getitem__` opens the file with pydicom, decodes it,
+  applies the modality LUT (and MONOCHROME1 inversion) and makes the same two views from the full-size
+  image (what a training script does without shards), once on uncompressed files and once on the
+  compressed syntaxes archives often hold (RLE, JPEG-LS, JPEG 2000 lossless, deflate).
+"Per core" is samples per CPU-second of this process. Every file is read once before timing (page cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TARGET_PER_CORE = 150.0  # two-view samples per CPU-second from shards
+TARGET_RATIO = 20.0  # shards per core / per-file uncompressed DICOM per core
+COMPRESSED = ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "DeflatedExplicitVRLittleEndian"]
+BATCH = 32
+VIEW_SIZE = 224
+
+
+@dataclass
+class Run:
+    samples: int
+    wall: float
+    cpu: float
+
+    @property
+    def per_core(self) -> float:
+        return self.samples / self.cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=100, help="uncompressed radiographs (100)")
+    parser.add_argument("--compressed", type=int, default=24, help="compressed radiographs (24; 0 skips them)")
+    parser.add_argument("--shard-samples", type=int, default=1000, help="samples read from shards (1000)")
+    parser.add_argument("--quick", action="store_true", help="30 + 8 files, 300 shard samples")
+    parser.add_argument("--workdir", help="where archives and shards go (default: a temp dir, removed after)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.files, args.compressed, args.shard_samples = 30, 8, 300
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="radpretrain-bench-loader-"))
+    try:
+        plain = synthesize(workdir / "plain", args.files, ["ExplicitVRLittleEndian"], seed=0)
+        shards = make_shards(plain, workdir)
+        runs = {"shards": time_shards(shards, args.shard_samples)}
+        runs["dicom"] = time_dicom(radiographs(plain), shards)
+        if args.compressed:
+            packed = synthesize(workdir / "compressed", args.compressed, COMPRESSED, seed=1)
+            runs["dicom_compressed"] = time_dicom(radiographs(packed), shards)
+        report(runs)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def synthesize(root: Path, count: int, syntaxes: list[str], seed: int) -> Path:
+    from radpretrain.shards import synth
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    need = count * 2500 * 2000 * 2 + 2**30
+    if not (root / synth.SYNTH_JSON).exists() and shutil.disk_usage(root.parent).free < need:
+        sys.exit(f"bench/loader.py: {count} files need about {need / 2**30:.1f} GB free in {root.parent}")
+    print(f"synthesizing {count} radiographs of 2500x2000 ({', '.join(syntaxes)}) ...", flush=True)
+    workers = len(os.sched_getaffinity(0))
+    synth.generate(
+        root, count, seed=seed, shape=(2500, 2000), bits_stored=12, syntaxes=syntaxes, workers=workers, progress=True
+    )
+    return root
+
+
+def radiographs(root: Path) -> list[Path]:
+    from radpretrain.shards.synth import SynthSummary
+
+    return sorted(SynthSummary.load(root).radiographs)
+
+
+def make_shards(archive: Path, workdir: Path) -> Path:
+    from radpretrain.shards.plan import ShardConfig
+    from radpretrain.shards.writer import shard
+
+    print("sharding at 512 px ...", flush=True)
+    config = ShardConfig(size=512, shard_size=25, val_fraction=0.0, test_fraction=0.0)
+    shard(archive, workdir / "shards", config, key=workdir / "deid.key", workers=len(os.sched_getaffinity(0)))
+    return workdir / "shards"
+
+
+def prime(paths: Iterable[Path | str]) -> None:
+    """Read every file once so both contenders start with them in the page cache."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 22):
+                pass
+
+
+def sample_fn(shards: Path) -> Any:
+    from radpretrain.data.transforms import ViewsConfig, build_sample_fn
+    from radpretrain.shards.reader import read_manifest
+
+    return build_sample_fn(("view0", "view1"), ViewsConfig(), read_manifest(shards)["vocab"], VIEW_SIZE)
+
+
+def time_shards(shards: Path, samples: int) -> Run:
+    from torch.utils.data import DataLoader
+
+    from radpretrain.shards.reader import build_pipeline, shard_urls
+
+    urls = shard_urls(shards, "train")
+    prime(urls)
+    pipeline = build_pipeline(urls, shuffle=200, seed=0, map_fn=sample_fn(shards))
+    loader = DataLoader(pipeline, batch_size=BATCH, num_workers=0)
+    next(iter(loader))  # warm-up: imports and first allocations are not the loader's speed
+
+    def batches() -> Iterable[Any]:
+        while True:
+            yield from loader  # epochs until enough samples
+
+    return timed(batches(), samples, "shards")
+
+
+class DicomFiles:
+    """A map-style Dataset: each sample opens its DICOM file with pydicom and makes the views from full size."""
+
+    def __init__(self, paths: list[Path], make_sample: Any) -> None:
+        self.paths = paths
+        self.make_sample = make_sample
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+
+        from radpretrain.shards.dicom import window_from_header
+
+        ds = pydicom.dcmread(self.paths[index])
+        pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            pixels = pixels.max() - pixels
+        window = window_from_header(ds)
+        center, width = window if window else ((pixels.min() + pixels.max()) / 2, np.ptp(pixels))
+        meta = {"window_center": center, "window_width": width, "body_part": None, "age_bucket": None}
+        return self.make_sample({"key": str(index), "pixels": pixels, "meta": meta})
+
+
+def time_dicom(paths: list[Path], shards: Path) -> Run:
+    import torch
+    from torch.utils.data import DataLoader
+
+    prime(paths)
+    loader = DataLoader(
+        DicomFiles(paths, sample_fn(shards)),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    return timed(iter(loader), len(paths), "per-file DICOM")
+
+
+def timed(batches: Iterable[Any], samples: int, name: str) -> Run:
+    print(f"timing {name} ({samples} samples) ...", flush=True)
+    done = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        done += len(batch["view0"])
+        if done >= samples:
+            break
+    return Run(done, time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def report(runs: dict[str, Run]) -> None:
+    shards = runs["shards"]
+    print()
+    print(
+        f"Two-view {VIEW_SIZE} px samples (batches of {BATCH}, one thread, load average {os.getloadavg()[0]:.1f}); "
+        "2500x2000 12-bit radiographs, shards at 512 px:"
+    )
+    print()
+    print("| loader | samples | samples/s per core | samples/s (wall) | shards faster by | target | met |")
+    print("|---|---|---|---|---|---|---|")
+    ok = "yes" if shards.per_core >= TARGET_PER_CORE else "no"
+    print(
+        f"| shards (radpretrain reader) | {shards.samples} | {shards.per_core:.1f} | "
+        f"{shards.samples / shards.wall:.1f} | - | >= {TARGET_PER_CORE:.0f}/s per core | {ok} |"
+    )
+    for key, label in (("dicom", "per-file DICOM, uncompressed"), ("dicom_compressed", "per-file DICOM, compressed")):
+        if key not in runs:
+            continue
+        run = runs[key]
+        ratio = shards.per_core / run.per_core
+        target, met = ("-", "-")
+        if key == "dicom":
+            target, met = f">= {TARGET_RATIO:.0f}x", "yes" if ratio >= TARGET_RATIO else "no"
+        print(
+            f"| {label} | {run.samples} | {run.per_core:.1f} | {run.samples / run.wall:.1f} | {ratio:.1f}x | "
+            f"{target} | {met} |"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
