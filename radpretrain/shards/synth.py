@@ -1250,7 +1250,7 @@ def _ct_dataset(spec: dict[str, Any], rng: np.random.Generator) -> tuple[Any, di
 
 
 def iter_files(root: str | Path) -> Iterator[Path]:
-    """Every file of an export in a stable order, without synth's own bookkeeping files."""
+    """Every file of the export itself in a stable order: not synth.json, masks.csv or the mask PNGs."""
     skip = {SYNTH_JSON, MASKS_CSV, _PARTIAL}
     for path in sorted(Path(root).rglob("*")):
         if path.is_file() and path.name not in skip and not path.name.endswith(".png"):

@@ -13,7 +13,14 @@ from pydicom.errors import InvalidDicomError
 from radpretrain.cli import main
 from radpretrain.errors import ConfigError
 from radpretrain.shards.phantoms import BODY_PARTS, MASK_STRUCTURES, VIEWS, make_radiograph
-from radpretrain.shards.synth import HOSTILE_KINDS, SynthSummary, available_syntaxes, checksum, generate
+from radpretrain.shards.synth import (
+    HOSTILE_KINDS,
+    SynthSummary,
+    available_syntaxes,
+    checksum,
+    generate,
+    iter_files,
+)
 
 MARKER = "ZQX"
 
@@ -46,12 +53,10 @@ def _read(path: Path) -> pydicom.Dataset:
 
 
 def test_folder_tree_and_counts(export: SynthSummary) -> None:
-    on_disk = {
-        p.relative_to(export.root).as_posix()
-        for p in export.root.rglob("*")
-        if p.is_file() and p.suffix != ".png" and p.name not in ("synth.json", "masks.csv")
-    }
+    on_disk = {p.relative_to(export.root).as_posix() for p in iter_files(export.root)}
     assert on_disk == set(export.files)
+    masks_on_disk = {p.relative_to(export.root).as_posix() for p in export.root.rglob("*.png")}
+    assert masks_on_disk == {row["mask"] for row in export.masks}
     assert export.n_files == 90
     counts = export.counts
     assert set(HOSTILE_KINDS) <= set(counts)
