@@ -1195,7 +1195,7 @@ def _rgb_dataset(spec: dict[str, Any], image: np.ndarray, bits: int) -> tuple[An
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    ds.BurnedInAnnotation = "YES"
+    # No BurnedInAnnotation tag: one reason to skip per hostile kind (colour), as many screenshots carry none.
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     ds.PixelData = rgb.tobytes()
     return ds, {

@@ -97,6 +97,7 @@ def test_every_hostile_kind_is_what_it_claims(export: SynthSummary) -> None:
     for path in export.paths_of("rgb"):
         ds = _read(path)
         assert ds.PhotometricInterpretation == "RGB" and ds.pixel_array.shape[-1] == 3
+        assert "BurnedInAnnotation" not in ds  # skipped for its colour, not for a flag
     for path in export.paths_of("burned_in"):
         ds = _read(path)
         assert ds.BurnedInAnnotation == "YES" and ds.pixel_array.ndim == 2
