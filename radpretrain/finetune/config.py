@@ -187,7 +187,8 @@ class SweepConfig:
     #: Different patient-level subsets drawn from one pool per label count.
     repeats: int = 3
     strategies: list[str] = field(default_factory=lambda: ["random", "full"])
-    #: Encoders to compare; empty: `finetune.encoder`.
+    #: Encoders to compare (exported folders or timm names); `model:NAME` is a from-scratch 3D baseline
+    #: (`radpretrain.models.baselines3d.MODELS`: unet, meshnet, resunet). Empty: `finetune.encoder`.
     encoders: list[str] = field(default_factory=list)
     #: Held-out test set: this many cases (patient-level) if set, else `test_fraction` of the cohort.
     test_count: int | None = None

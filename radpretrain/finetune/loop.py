@@ -83,8 +83,9 @@ def outputs_of(cohort: Cohort) -> int:
 
 
 def is_encoder_folder(value: str) -> bool:
+    """Whether `encoder` names an exported encoder (a path) rather than a timm architecture name."""
     path = Path(value)
-    return path.is_dir() or path.suffix in (".json", ".safetensors")
+    return path.is_dir() or path.suffix in (".json", ".safetensors") or "/" in value or "\\" in value
 
 
 def load_checked_encoder(path: str | Path, cfg: FinetuneConfig) -> tuple[nn.Module, dict[str, Any]]:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
+#: An `encoders` entry `model:NAME` runs the from-scratch baseline NAME (`models.baselines3d.MODELS`).
+MODEL_PREFIX = "model:"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -202,7 +204,13 @@ def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
         if parsed.weak != "none" and cfg.finetune.weak.cohort is None:
             raise ConfigError(f"strategy '{spec}' trains on a weak-label cohort first; set finetune.weak.cohort")
         for encoder in cfg.encoders or [cfg.finetune.encoder]:
-            if strategy_type.needs_pretrained and cfg.finetune.model is None and not is_encoder_folder(encoder):
+            baseline = encoder.startswith(MODEL_PREFIX) or cfg.finetune.model is not None
+            if baseline and strategy_type.needs_pretrained:
+                raise ConfigError(
+                    f"strategy '{spec}' transfers pretrained weights but '{encoder}' is a from-scratch model; "
+                    "pair from-scratch models with random (or weak+random / weak-only) only, in a separate sweep"
+                )
+            if strategy_type.needs_pretrained and not is_encoder_folder(encoder):
                 raise ConfigError(
                     f"strategy '{spec}' transfers pretrained weights but encoder '{encoder}' is not an exported "
                     "encoder folder; give a folder written by `radpretrain export` or drop the strategy"
@@ -244,9 +252,11 @@ def run_sweep(cfg: SweepConfig) -> Path:
         bar.set_postfix_str(cell.id)
         seed = subset_seed(cfg.seed, cell.n_labels, cell.repeat)
         labeled = draw_labeled(pool, cell.n_labels, seed=seed)
+        model = cell.encoder[len(MODEL_PREFIX) :] if cell.encoder.startswith(MODEL_PREFIX) else cfg.finetune.model
         cell_cfg = replace(
             cfg.finetune,
             encoder=cell.encoder,
+            model=model,
             strategy=cell.strategy,
             n_train=cell.n_labels,
             seed=seed,

@@ -19,6 +19,8 @@ from radpretrain.finetune.strategies import STRATEGIES
 from radpretrain.finetune.sweep import run_finetune
 from radpretrain.models.encoders import build_encoder, save_encoder
 
+from .conftest import SHARED_DATA
+
 #: A spec for each registered strategy (those that take an argument get one).
 SPECS = {name: ("transfusion:2" if name == "transfusion" else name) for name in STRATEGIES.names()}
 
@@ -150,6 +152,8 @@ def test_encoders_that_do_not_fit_are_refused(lung_cohort, pretrained_encoder, t
         run_finetune(tiny(lung_cohort, tmp_path / "vit", tmp_path / "c"))
     with pytest.raises(ConfigError, match="transfers pretrained weights but encoder 'test_resnet' is not an exported"):
         run_finetune(tiny(lung_cohort, "test_resnet", tmp_path / "d", strategy="full"))
+    with pytest.raises(ConfigError, match=r"no encoder\.json in"):
+        run_finetune(tiny(lung_cohort, tmp_path / "missing" / "encoder", tmp_path / "f"))
     with pytest.raises(CohortError, match="label count 500 is larger than the pool"):
         run_finetune(tiny(lung_cohort, pretrained_encoder, tmp_path / "e", n_train=500))
 
@@ -172,3 +176,26 @@ def test_split_val_keeps_patients_apart():
     assert len(train) + len(val) == 12 and {c.patient for c in train}.isdisjoint({c.patient for c in val})
     assert len(val) == 3
     assert loop.split_val(cases[:2], 0.5, seed=0) == (cases[:2], [])
+
+
+def test_from_scratch_3d_baseline_on_real_volumes(tmp_path):
+    volumes = SHARED_DATA / "volumes-3d"
+    cfg = FinetuneConfig(
+        cohort=volumes,
+        model="unet",
+        strategy="random",
+        size=32,
+        epochs=1,
+        batch_size=2,
+        n_train=2,
+        test_fraction=0.25,
+        cpu=True,
+        out=tmp_path,
+        progress=False,
+    )
+    result = run_finetune(cfg)
+    assert result["encoder"] == "model:unet" and result["kind"] == "seg3d" and result["n_test"] == 1
+    assert 0.0 <= result["metrics"]["dice"] <= 1.0
+    cfg.strategy = "full"
+    with pytest.raises(ConfigError, match="from-scratch baseline without a pretrained encoder"):
+        run_finetune(cfg)
