@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radpretrain.shards.commands",
     "radpretrain.finetune.commands",
     "radpretrain.pretrain.commands",
+    "radpretrain.demo",
 )
 
 
