@@ -550,6 +550,8 @@ def train_and_evaluate(
     }
     if out_dir is not None and accelerator.is_main_process:
         write_run(Path(out_dir), cfg, built, result, [row for f in fits for row in f.log])
+    # A sweep reuses one Accelerator: drop its references to this run's model, optimisers and loaders.
+    accelerator.free_memory()
     return result
 
 

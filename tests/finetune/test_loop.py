@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from radpretrain.cli import main
 from radpretrain.data.cohorts import Case, load_cohort
 from radpretrain.errors import CohortError, ConfigError
 from radpretrain.finetune import loop
@@ -126,14 +127,28 @@ def test_classification_metrics_match_sklearn():
     assert m3 == {"auroc": pytest.approx(1.0), "accuracy": 1.0, "balanced_accuracy": 1.0}
 
 
-def test_classification_cohort_end_to_end(body_part_cohort, pretrained_encoder, tmp_path):
-    cfg = tiny(
-        body_part_cohort, pretrained_encoder, tmp_path, structure=None, n_train=None, epochs=3, test_fraction=0.3
-    )
-    result = run_finetune(cfg)
-    assert result["kind"] == "cls2d"
+def test_classification_cohort_end_to_end_through_the_cli(body_part_cohort, pretrained_encoder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "finetune",
+        f"cohort={body_part_cohort}",
+        f"encoder={pretrained_encoder}",
+        "strategy=lp-ft",
+        "size=32",
+        "epochs=3",
+        "batch_size=4",
+        "test_fraction=0.3",
+        "cpu=true",
+        "progress=false",
+        f"out={out}",
+    ]
+    assert main(args) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["kind"] == "cls2d" and json.loads(capsys.readouterr().out)["metrics"] == result["metrics"]
     assert set(result["metrics"]) == {"loss", "auroc", "accuracy", "balanced_accuracy"}
     assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
+    assert (out / "config.yaml").read_text().count("strategy: lp-ft") == 1
+    assert main([*args, "optim.lr=-1"]) == 2
 
 
 def test_encoders_that_do_not_fit_are_refused(lung_cohort, pretrained_encoder, tmp_path):
