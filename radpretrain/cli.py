@@ -6,6 +6,8 @@ import argparse
 import errno
 import importlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -54,15 +56,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), 2)
     except KeyboardInterrupt:
         return fail("interrupted; finished work is kept, run the same command again to resume", 130)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            return fail("no space left on device; free space and run the same command again to resume", 1)
-        return fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), 1)
+    except Exception as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise  # a bug, not bad input: keep the traceback
+        return fail(describe_os_error(failure), 1)
 
 
 def fail(message: str, code: int) -> int:
-    print(f"radpretrain: error: {message}", file=sys.stderr)
+    print(f"radpretrain: error: {one_line(message)}", file=sys.stderr)
     return code
+
+
+def one_line(message: str) -> str:
+    """The message as one line; an error re-raised from a DataLoader worker keeps only its own last line."""
+    if "Original Traceback" in message:  # torch wraps it as "Caught X in DataLoader worker ...\n<traceback>"
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        message = re.sub(r"^[\w.]+: ", "", lines[-1])  # drop "radpretrain.errors.ShardError: "
+    return " ".join(message.split())
+
+
+# A full disk, a quota or a file-size limit ends a run with one line; what was finished before is kept.
+_FULL = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system or the file-size limit (ulimit -f)",
+}
+# torch.save's zip writer reports a failed write without an errno.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "unexpected pos")
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`, also when a library reports a failed write as its own exception type."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    match = re.search(r"\(os error (\d+)\)", text)  # safetensors (Rust): "I/O error: File too large (os error 27)"
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _TORCH_WRITE_FAILED):
+        return OSError(errno.EIO, "torch.save could not write its file (a full disk or a file-size limit?)")
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    if exc.errno in _FULL:
+        return f"{_FULL[exc.errno]}; free space (or raise the limit) and run the same command again to resume"
+    text = exc.strerror or str(exc)
+    if exc.errno == errno.EIO and "torch.save" in text:
+        return f"{text}; free space and run the same command again to resume"
+    return text + (f": {exc.filename}" if exc.filename else "")
 
 
 # Argument types shared by the parts' command modules.

@@ -321,10 +321,27 @@ def build_encoder(name: str, *, in_chans: int = 1, img_size: int | None = None, 
         model = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0, **extra)
     except TypeError as exc:
         raise ConfigError(f"encoder '{name}' does not accept the options {sorted(kwargs)}: {exc}") from None
+    _check_patch_size(model, name, img_size)
     # A plain dict attribute (not a submodule or buffer): how save_encoder describes the model for a rebuild.
     build = {"name": name, "in_chans": in_chans, "img_size": img_size, "kwargs": kwargs}
     model.radpretrain_build = build  # type: ignore[assignment]
     return model
+
+
+def _check_patch_size(model: nn.Module, name: str, img_size: int | None) -> None:
+    """A ViT's patch embedding silently drops the rows and columns past the last whole patch; refuse such sizes."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if img_size is None or patch is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    sides = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    step = max(int(s) for s in sides)
+    if any(img_size % int(s) for s in sides):
+        near = " or ".join(str(n) for n in sorted({max(step, img_size // step * step), (img_size // step + 1) * step}))
+        raise ConfigError(
+            f"encoder '{name}' cannot take {img_size} px inputs: it cuts images into {step} px patches, so the size "
+            f"must be a multiple of {step}, e.g. {near} (data.image_size for pretrain, size for finetune)"
+        )
 
 
 def unwrap_encoder(encoder: nn.Module) -> nn.Module:
