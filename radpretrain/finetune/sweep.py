@@ -219,6 +219,37 @@ def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
                 raise ConfigError(f"encoder folder {encoder} does not exist")
 
 
+#: Settings that may change between runs of one sweep folder (how it runs, not what it measures); the
+#: grid axes (label_counts, repeats, strategies, encoders) may grow too.
+FREE_SETTINGS = ("progress", "workers", "cpu", "save_model", "mixed_precision")
+
+
+def check_same_settings(saved: Path, cfg: SweepConfig) -> None:
+    """Refuse to resume a sweep folder whose finished cells were made with other settings."""
+    from radpretrain.config import read_yaml
+
+    if not saved.is_file():
+        return
+    before = read_yaml(saved)
+    now = to_dict(cfg)
+    changed = [
+        f"{key}: {before.get(key)!r} -> {now[key]!r}"
+        for key in ("seed", "test_count", "test_fraction")
+        if before.get(key) != now[key]
+    ]
+    old_ft, new_ft = before.get("finetune") or {}, now["finetune"]
+    changed += [
+        f"finetune.{key}: {old_ft.get(key)!r} -> {new_ft[key]!r}"
+        for key in new_ft
+        if key not in FREE_SETTINGS and old_ft.get(key) != new_ft[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{saved.parent} holds results made with other settings ({'; '.join(changed)}); give a new out "
+            "folder, or restore the settings to resume"
+        )
+
+
 def run_sweep(cfg: SweepConfig) -> Path:
     """Run every unfinished cell; returns the path of results.jsonl. Resumable: finished cells are skipped."""
     from accelerate import Accelerator
@@ -230,9 +261,11 @@ def run_sweep(cfg: SweepConfig) -> Path:
     cohort = load_cohort_of(cfg.finetune)
     pool, test = split_test(labeled_cases(cohort), count=cfg.test_count, fraction=cfg.test_fraction, seed=cfg.seed)
     check_cells(cfg, cohort, pool)
+    results = out / RESULTS
+    if results.is_file():
+        check_same_settings(out / "sweep.yaml", cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "sweep.yaml")
-    results = out / RESULTS
     done = finished_cells(results)
     cells = cells_of(cfg)
     todo = [cell for cell in cells if cell.id not in done]

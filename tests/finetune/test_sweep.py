@@ -66,6 +66,10 @@ def test_lung_sweep_runs_pairs_and_resumes(lung_cohort, pretrained_encoder, tmp_
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.endswith("}")]
     assert len(rows) == 12 and rows[-1]["cell"] == lost
+    # Resuming with settings that change what a cell measures is refused; how it runs may change.
+    with pytest.raises(ConfigError, match=r"other settings \(finetune\.epochs: 2 -> 3\)"):
+        sweep.run_sweep(load_config(SweepConfig, None, [*args[1:], "finetune.epochs=3"]))
+    assert main([*args, "finetune.workers=0", "finetune.progress=true"]) == 0
 
 
 def test_volume_sweep_on_real_3d_data(pretrained_encoder, tmp_path):
