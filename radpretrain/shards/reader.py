@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+#: Why a record without a png and a json member is dropped.
+FOREIGN = "not a radpretrain sample"
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -92,20 +95,35 @@ def window_sample(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 class RecordErrors:
-    """The skip-and-count policy for bad records; `counts` says what was dropped and why."""
+    """The skip-and-count policy for bad records; `counts` says what was dropped and why, `shards` from where."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.shards: Counter[str] = Counter()
 
     def __call__(self, exc: Exception) -> bool:
-        self.counts[type(exc).__name__] += 1
-        if sum(self.counts.values()) <= 3:
-            log.warning("skipping a bad shard record (%s)", type(exc).__name__)
+        self.record(type(exc).__name__, _shard_name(exc.args))
         return True  # continue with the next record
+
+    def record(self, reason: str, shard: str | None) -> None:
+        self.counts[reason] += 1
+        if shard:
+            self.shards[shard] += 1
+        if self.total <= 3:
+            log.warning("skipping a bad shard record%s (%s)", f" in {shard}" if shard else "", reason)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def _shard_name(values: Iterable[Any]) -> str | None:
+    """The file name of the shard an error came from: webdataset appends the url (or the open file) to its args."""
+    for value in reversed(list(values)):
+        match = re.search(r"([^/\\'\"\s]+\.tar)\b", str(value))
+        if match:
+            return match.group(1)  # the name only: the folder is the user's and says nothing useful here
+    return None
 
 
 def _worker_info() -> tuple[int, int, int, int]:
@@ -123,17 +141,22 @@ class ReadState:
         self.errors = RecordErrors()
 
     def count(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Count well-formed records; drop (and record) the members of a foreign tar here, before any buffer."""
         for sample in src:
             if "png" in sample and "json" in sample:
                 self.good += 1
-            yield sample
+                yield sample
+            else:
+                self.errors.record(FOREIGN, _shard_name([sample.get("__url__", "")]))
 
     def check(self) -> None:
         """After a full round of shards: nothing readable at all is an error, not an empty epoch."""
         if self.good == 0:
             shown = ", ".join(f"{n} x {name}" for name, n in sorted(self.errors.counts.items())) or "no records"
+            shards = sorted(self.errors.shards)
+            where = ", ".join(shards[:5]) + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")
             raise ShardError(
-                f"no sample could be read from the shards ({shown}); they are truncated, empty or not "
+                f"no sample could be read from {where or 'the shards'} ({shown}); they are truncated, empty or not "
                 "radpretrain shards: re-shard them or check the paths"
             )
 
