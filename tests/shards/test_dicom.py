@@ -277,7 +277,10 @@ def test_read_dicom_leaks_no_path_into_errors_logs_or_warnings(tmp_path: Path) -
     assert not escaped
     assert not [m for m in records.messages if "Doe" in m]
     # The same read without our module's precaution does log the path: the check above can fail.
-    logging.getLogger("pydicom").propagate = True
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_level = pydicom_log.level  # deid.quiet_header_echo (run by other tests) raises it
+    pydicom_log.propagate = True
+    pydicom_log.setLevel(logging.DEBUG)
     root.addHandler(records)
     try:
         with warnings.catch_warnings():
@@ -285,7 +288,8 @@ def test_read_dicom_leaks_no_path_into_errors_logs_or_warnings(tmp_path: Path) -
             pydicom.dcmread(folder / "cut.dcm")
     finally:
         root.removeHandler(records)
-        logging.getLogger("pydicom").propagate = False
+        pydicom_log.propagate = False
+        pydicom_log.setLevel(pydicom_level)
     assert [m for m in records.messages if "Doe" in m]
 
 
