@@ -24,7 +24,16 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resumed_run_repeats_the_uninterrupted_run(make_config: MakeConfig, tmp_path: Path, workers: int) -> None:
     # 16-sample batches of ~140 train samples: the 14 steps cross an epoch boundary, the stop at 5 is mid-epoch.
-    common = ["steps=14", "data.batch_size=16", f"data.workers={workers}", "data.log_samples=true", "probe.k=3"]
+    # patch_ae draws its masks from the training RNG, which the checkpoint must restore too.
+    common = [
+        "steps=14",
+        "data.batch_size=16",
+        f"data.workers={workers}",
+        "data.log_samples=true",
+        "probe.k=3",
+        "tasks={simclr: 1.0, patch_ae: 0.5}",
+        "task_options={patch_ae: {patch_size: 8}}",
+    ]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     pretrain(make_config(*common, out=whole))
     first = pretrain(make_config(*common, "stop_after=5", out=parts))
