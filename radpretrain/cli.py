@@ -106,6 +106,10 @@ def describe_os_error(exc: OSError) -> str:
     text = exc.strerror or str(exc)
     if exc.errno == errno.EIO and "torch.save" in text:
         return f"{text}; free space and run the same command again to resume"
+    if exc.errno == errno.EEXIST and exc.filename and os.path.isfile(exc.filename):
+        return f"{exc.filename} is a file where a folder is needed; give a folder path"
+    if exc.errno == errno.ENOTDIR and exc.filename:
+        return f"part of {exc.filename} is a file where a folder is needed; give a folder path"
     return text + (f": {exc.filename}" if exc.filename else "")
 
 

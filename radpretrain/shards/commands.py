@@ -218,10 +218,11 @@ def _run_index(args: argparse.Namespace) -> int:
     from radpretrain.config import to_dict
     from radpretrain.errors import ShardError
     from radpretrain.shards import deid
-    from radpretrain.shards.index import build_index, default_private_dir, read_index
+    from radpretrain.shards.index import build_index, check_source, default_private_dir, read_index
 
     options = _index_options(args)
     out = Path(args.out).expanduser().resolve()
+    check_source(args.src, out)  # before the key file is created for a run that cannot start
     pseudonymize = deid.Pseudonymizer(deid.load_key(args.key, out=out))
     existing = read_index(out)
     if existing is not None and not args.overwrite and existing.meta.get("options") != to_dict(options):

@@ -1,0 +1,137 @@
+"""Missing, misplaced and wrong-kind paths given to every command: one clear line, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .helpers import Sandbox, process_error, refused, run_process
+
+
+def _text_folder(root: Path) -> Path:
+    notes = root / "notes"
+    (notes / "sub").mkdir(parents=True)
+    for i in range(3):
+        (notes / f"note{i}.txt").write_text(f"follow-up in {i} weeks\n")
+    (notes / "sub" / "README").write_text("not an image\n")
+    return notes
+
+
+def test_shard_source_missing_or_a_file(capsys: pytest.CaptureFixture[str], sandbox: Sandbox) -> None:
+    out, key = sandbox.root / "shards", sandbox.root / "deid.key"
+    afile = sandbox.root / "export.zip"
+    afile.write_bytes(b"PK\x03\x04")
+    with sandbox.only_writes():
+        message = refused(capsys, "shard", sandbox.root / "missing", out, "--key", key)
+        assert "does not exist" in message and "give the folder of your DICOM export" in message
+        message = refused(capsys, "index", sandbox.root / "missing", out, "--key", key)
+        assert "does not exist" in message
+        message = refused(capsys, "shard", afile, out, "--key", key)
+        assert "is not a folder" in message
+
+
+def test_shard_a_folder_without_dicoms_says_so_in_a_fresh_process(sandbox: Sandbox) -> None:
+    notes = _text_folder(sandbox.root)
+    out, key = sandbox.root / "shards", sandbox.root / "keys" / "deid.key"
+    # The key file and the private folder beside OUT are what `shard` documents writing outside OUT.
+    with sandbox.only_writes(key.parent, sandbox.root / "shards.private"):
+        done = run_process(sandbox, "shard", notes, out, "--key", key, "--no-progress")
+    message = process_error(done)
+    assert done.returncode == 2
+    assert "holds 4 files but none is a DICOM file or a PNG/JPEG image" in message
+    assert not out.exists()
+
+
+def test_inspect_and_pretrain_need_a_manifest(
+    capsys: pytest.CaptureFixture[str],
+    sandbox: Sandbox,
+    tiny_shards: Path,
+    tiny_run: Callable[..., list[str]],
+) -> None:
+    empty = sandbox.root / "empty"
+    empty.mkdir()
+    unfinished = sandbox.root / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(next(tiny_shards.glob("train-*.tar")), unfinished)
+    run = sandbox.root / "run"
+    with sandbox.only_writes(watch=[tiny_shards]):
+        assert "no manifest.json in" in refused(capsys, "inspect", sandbox.root / "missing")
+        assert "make shards with `radpretrain shard SRC OUT`" in refused(capsys, "inspect", empty)
+        assert "has not finished" in refused(capsys, "inspect", unfinished)
+        assert "no manifest.json" in refused(capsys, *tiny_run(run, shards=sandbox.root / "missing"))
+        assert "has not finished" in refused(capsys, *tiny_run(run, shards=unfinished))
+        message = refused(capsys, *tiny_run(run, "data.shards=null"))
+        assert "data.shards is not set" in message
+    assert not run.exists()
+
+
+def test_export_of_something_that_is_not_a_run(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox, tiny_shards: Path
+) -> None:
+    out = sandbox.root / "encoder"
+    with sandbox.only_writes(watch=[tiny_shards]):
+        for run in (sandbox.root / "missing", tiny_shards):
+            message = refused(capsys, "export", run, out)
+            assert "holds no checkpoint" in message and "radpretrain pretrain" in message
+    assert not out.exists()
+
+
+def test_finetune_sweep_and_analyze_without_a_cohort(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox, pretrained_encoder: Path
+) -> None:
+    missing = sandbox.root / "cohort.csv"
+    notes = _text_folder(sandbox.root)
+    common = [f"encoder={pretrained_encoder}", "size=32", "epochs=1", "cpu=true"]
+    with sandbox.only_writes(watch=[pretrained_encoder]):
+        message = refused(capsys, "finetune", f"cohort={missing}", *common, f"out={sandbox.root / 'ft'}")
+        assert message == "the cohort path does not exist; give a cohort folder or CSV file"
+        message = refused(capsys, "finetune", *common, f"out={sandbox.root / 'ft'}")
+        assert "no cohort given; set cohort=" in message
+        message = refused(capsys, "finetune", f"cohort={notes}", *common, f"out={sandbox.root / 'ft'}")
+        assert "no cohort layout fits this folder; expected one of" in message
+        message = refused(capsys, "sweep", f"finetune.cohort={missing}", f"out={sandbox.root / 'sweep'}")
+        assert "the cohort path does not exist" in message
+        message = refused(
+            capsys,
+            "analyze",
+            "--before",
+            pretrained_encoder,
+            "--after",
+            sandbox.root / "missing-encoder",
+            "--cohort",
+            missing,
+            "--out",
+            sandbox.root / "analysis",
+        )
+        assert "no encoder.json in" in message
+
+
+def test_report_without_results(capsys: pytest.CaptureFixture[str], sandbox: Sandbox) -> None:
+    sweep = sandbox.root / "sweep"
+    sweep.mkdir()
+    with sandbox.only_writes():
+        message = refused(capsys, "report", sweep)
+    assert "results file not found" in message and "run `radpretrain sweep CONFIG` first" in message
+    (sweep / "results.jsonl").write_text('{"cell": "random/5/0", "metr')  # torn by a crash mid-write
+    with sandbox.only_writes():
+        assert refused(capsys, "report", sweep).endswith("results.jsonl holds no results yet")
+    (sweep / "results.jsonl").write_text("cell,metric\nrandom/5/0,0.5\n")  # a CSV under the wrong name
+    with sandbox.only_writes():
+        assert refused(capsys, "report", sweep).endswith("results.jsonl line 1 is not JSON; remove the line and rerun")
+    assert sorted(p.name for p in sweep.iterdir()) == ["results.jsonl"]
+
+
+def test_an_output_path_that_is_a_file(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox, tiny_shards: Path, tiny_run: Callable[..., list[str]]
+) -> None:
+    taken = sandbox.root / "taken"
+    taken.write_text("a file the user already has\n")
+    with sandbox.only_writes(watch=[tiny_shards]):
+        message = refused(capsys, *tiny_run(taken), code=1)
+        assert message == f"{taken} is a file where a folder is needed; give a folder path"
+        message = refused(capsys, *tiny_run(taken / "run"), code=1)
+        assert message == f"part of {taken / 'run'} is a file where a folder is needed; give a folder path"
+    assert taken.read_text() == "a file the user already has\n"
