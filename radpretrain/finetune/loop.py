@@ -99,13 +99,24 @@ def load_checked_encoder(path: str | Path, cfg: FinetuneConfig) -> tuple[nn.Modu
             f"encoder {path} takes {card['in_chans']} input channels but cohort images have 1; "
             "export an encoder built with in_chans=1"
         )
-    fixed = card.get("img_size")
-    if fixed is not None and int(fixed) != cfg.size:
+    fixed = fixed_input_size(card)
+    if fixed is not None and fixed != cfg.size:
         raise ConfigError(
             f"encoder {path} has a fixed input size of {fixed} px but size={cfg.size}; set size={fixed} "
             "(or export an encoder built for this size)"
         )
     return load_encoder(path).train(), card
+
+
+def fixed_input_size(card: dict[str, Any]) -> int | None:
+    """The input side an exported encoder requires (ViTs: their position embeddings), None for CNNs."""
+    import timm
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(str(card["timm_name"]))
+    size = card.get("img_size")
+    if pretrained_cfg is None or not pretrained_cfg.fixed_input_size or size is None:
+        return None
+    return int(size)
 
 
 def build_model(cfg: FinetuneConfig, cohort: Cohort, device: str | torch.device = "cpu") -> Built:

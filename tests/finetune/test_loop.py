@@ -162,6 +162,9 @@ def test_encoders_that_do_not_fit_are_refused(lung_cohort, pretrained_encoder, t
     save_encoder(build_encoder("test_resnet", in_chans=3), tmp_path / "rgb", {})
     with pytest.raises(ConfigError, match="takes 3 input channels but cohort images have 1"):
         run_finetune(tiny(lung_cohort, tmp_path / "rgb", tmp_path / "b"))
+    # A CNN exported at 64 px takes any size; a ViT's position embeddings fix its input size.
+    assert loop.fixed_input_size({"timm_name": "test_resnet", "img_size": 64}) is None
+    assert loop.fixed_input_size({"timm_name": "test_vit", "img_size": 64}) == 64
     save_encoder(build_encoder("test_vit", img_size=64), tmp_path / "vit", {})
     with pytest.raises(ConfigError, match="fixed input size of 64 px but size=32; set size=64"):
         run_finetune(tiny(lung_cohort, tmp_path / "vit", tmp_path / "c"))
