@@ -19,8 +19,9 @@ from radpretrain.cli import main
 PREFIX = "radpretrain: error: "
 
 #: What libraries write outside any output folder on their own, relative to HOME or TMPDIR: matplotlib's font
-#: cache (the first time a plot is drawn) and the empty cache folder torch's inductor makes when timm imports it.
-#: Neither holds anything from the data.
+#: cache (the first time a plot is drawn), the empty cache folder torch's inductor makes when timm imports it,
+#: and the socket folder of multiprocessing (DataLoader workers), removed when the process exits. None holds
+#: anything from the data.
 LIBRARY_CACHES = (
     "home/.cache",
     "home/.cache/matplotlib",
@@ -28,6 +29,7 @@ LIBRARY_CACHES = (
     "home/.config",
     "home/.config/matplotlib",
     "tmp/torchinductor_*",
+    "tmp/pymp-*",
 )
 
 
