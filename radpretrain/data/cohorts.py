@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -175,21 +176,30 @@ def _from_folder(root: Path, kind: str | None, label_column: str, structure: str
     raise CohortError("no cohort layout fits this folder; expected one of: " + "; ".join(LAYOUTS))
 
 
+def _table_text(table: Path) -> str:
+    """A cohort table's text (UTF-8, with or without the byte-order mark spreadsheets write)."""
+    try:
+        return table.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CohortError(
+            f"{table.name} is not UTF-8 text (UTF-16, or not a CSV at all?); save it as 'CSV UTF-8 (comma delimited)'"
+        ) from None
+
+
 def _columns(table: Path) -> list[str]:
-    with table.open(newline="", encoding="utf-8-sig") as handle:
-        return [name.strip() for name in next(csv.reader(handle), [])]
+    return [name.strip() for name in next(csv.reader(io.StringIO(_table_text(table))), [])]
 
 
 def _from_table(table: Path, kind: str | None, label_column: str, structure: str | None) -> Cohort:
-    with table.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        # Cells beyond the header (key None) are ignored; missing cells read as empty.
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)} for row in reader]
+    reader = csv.DictReader(io.StringIO(_table_text(table), newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    # Cells beyond the header (key None) are ignored; missing cells read as empty.
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)} for row in reader]
     shown = ", ".join(columns) or "none"
     if "image" not in columns:
+        hint = "; its columns are separated by ';', save it with commas" if ";" in shown else ""
         raise CohortError(
-            f"{table.name} has no 'image' column (columns: {shown}); a cohort CSV needs image and mask or label"
+            f"{table.name} has no 'image' column (columns: {shown}); a cohort CSV needs image and mask or label{hint}"
         )
     task = kind[:3] if kind else ("seg" if "mask" in columns else "cls")
     target_column = "mask" if task == "seg" else label_column

@@ -59,7 +59,7 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"results file not found: {path} (run `radpretrain sweep CONFIG` first)")
     rows = []
-    text = path.read_text()
+    text = path.read_text(errors="replace")  # bytes that are not UTF-8 make their line "not JSON" below
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():

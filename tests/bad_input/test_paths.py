@@ -135,3 +135,40 @@ def test_an_output_path_that_is_a_file(
         message = refused(capsys, *tiny_run(taken / "run"), code=1)
         assert message == f"part of {taken / 'run'} is a file where a folder is needed; give a folder path"
     assert taken.read_text() == "a file the user already has\n"
+
+
+def test_files_that_are_not_what_their_name_says(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox, lung_cohort: Path, tiny_shards: Path
+) -> None:
+    binary = bytes(range(256)) * 4  # no text encoding reads this
+    config = sandbox.root / "pretrain.yaml"
+    config.write_bytes(binary)
+    cohort_rows = lung_cohort.read_text().replace("PAT", str(lung_cohort.parent / "PAT"))
+    utf16 = sandbox.root / "cohort-utf16.csv"
+    utf16.write_text(cohort_rows, encoding="utf-16")
+    semicolons = sandbox.root / "cohort-semicolons.csv"
+    semicolons.write_text(cohort_rows.replace(",", ";"))
+    results = sandbox.root / "sweep" / "results.jsonl"
+    results.parent.mkdir()
+    results.write_bytes(binary + b"\n")
+    shards = sandbox.root / "shards"
+    shutil.copytree(tiny_shards, shards)
+    (shards / "manifest.json").write_bytes(binary)
+    out = sandbox.root / "out"
+    finetune = ["finetune", "encoder=test_resnet", "strategy=random", "structure=lungs", f"out={out}"]
+    with sandbox.only_writes():
+        message = refused(capsys, "pretrain", config, f"out={out}")
+        assert message == f"config file {config} is not UTF-8 text; give a YAML file (see configs/)"
+        message = refused(capsys, *finetune, f"cohort={utf16}")
+        assert message == (
+            "cohort-utf16.csv is not UTF-8 text (UTF-16, or not a CSV at all?); save it as 'CSV UTF-8 (comma "
+            "delimited)'"
+        )
+        message = refused(capsys, *finetune, f"cohort={semicolons}")
+        assert message.startswith("cohort-semicolons.csv has no 'image' column (columns: image;mask;patient;structure)")
+        assert message.endswith("its columns are separated by ';', save it with commas")
+        assert refused(capsys, "report", results.parent) == f"{results} line 1 is not JSON; remove the line and rerun"
+        message = refused(capsys, "inspect", shards)
+        assert message.startswith(f"{shards / 'manifest.json'} is not valid JSON (")
+        assert message.endswith("run `radpretrain shard` again to rewrite it")
+    assert not out.exists()
