@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from radpretrain.config import build, to_dict
-from radpretrain.errors import ShardError
+from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid, labels
 from radpretrain.shards.plain import IMAGE_SUFFIXES, PlainOptions, image_row, load_metadata_table
 
@@ -88,6 +88,8 @@ class IndexOptions:
     def validate(self) -> None:
         labels.AgeBuckets.parse(self.age_buckets)
         self.modalities = [m.strip().upper() for m in self.modalities if m.strip()]
+        if not self.modalities:
+            raise ConfigError("no modality to shard; give at least one, e.g. --modalities CR,DX")
 
 
 @dataclass
@@ -160,6 +162,8 @@ def build_index(
     private = Path(private_dir).expanduser().resolve() if private_dir else default_private_dir(out_path)
     if deid.is_inside(private, out_path):
         raise ShardError("the private folder must not be inside the output folder; choose --private-dir elsewhere")
+    if deid.is_inside(private, src_path):  # a later index of SRC would read the lookup as part of the export
+        raise ShardError("the private folder must not be inside the source folder; choose --private-dir elsewhere")
     table, csv_path = load_metadata_table(src_path, options.plain)
     relpaths = list_files(src_path, skip={csv_path} if csv_path else None)
     if not relpaths:

@@ -172,3 +172,26 @@ def test_files_that_are_not_what_their_name_says(
         assert message.startswith(f"{shards / 'manifest.json'} is not valid JSON (")
         assert message.endswith("run `radpretrain shard` again to rewrite it")
     assert not out.exists()
+
+
+def test_shard_options_that_would_write_in_the_wrong_place_or_select_nothing(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox, synth_chest: Path
+) -> None:
+    out, key = sandbox.root / "shards", sandbox.root / "keys" / "deid.key"
+    args = ["shard", synth_chest, out, "--no-progress"]
+    with sandbox.only_writes(key.parent, watch=[synth_chest]):
+        message = refused(capsys, *args, "--key", key, "--private-dir", synth_chest / "private")
+        assert message == "the private folder must not be inside the source folder; choose --private-dir elsewhere"
+        message = refused(capsys, *args, "--key", key, "--private-dir", out / "private")
+        assert message == "the private folder must not be inside the output folder; choose --private-dir elsewhere"
+        message = refused(capsys, *args, "--key", out / "deid.key")
+        assert message.startswith(f"the de-identification key {out / 'deid.key'} is inside the output folder")
+        message = refused(capsys, "shard", synth_chest, synth_chest / "shards", "--key", key)
+        assert message == "the output folder is inside the source folder; choose an output folder elsewhere"
+        message = refused(capsys, *args, "--key", key, "--modalities", " , ")
+        assert message == "no modality to shard; give at least one, e.g. --modalities CR,DX"
+        message = refused(capsys, *args, "--key", key, "--age-buckets", "0-17,adult")
+        assert message.startswith("age bucket 'adult' must look like 'N+'")
+        message = refused(capsys, *args, "--key", key, "--csv", sandbox.root / "labels.csv")
+        assert message == f"metadata CSV {sandbox.root / 'labels.csv'} not found; give an existing file with --csv"
+    assert not out.exists() and not (sandbox.root / "shards.private").exists()
