@@ -114,8 +114,8 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
         state = ckpt.load_checkpoint(accelerator, existing)
         if main:
             log.info("resuming %s from step %d", run_dir, state.step)
+    run_dir.mkdir(parents=True, exist_ok=True)  # every process: each may write its own sample log
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / ckpt.CONFIG_FILE)
         truncate_log(run_dir / ckpt.LOG_FILE, state.step)
     accelerator.init_trackers("tensorboard")
@@ -206,7 +206,9 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
             bar.update(1)
 
             # --- checkpoint: every N steps, at the end, and when asked to stop.
+            paused = False
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or state.step == cfg.steps or stopping:
+                paused = True
                 state.positions = stream.gather_positions(accelerator) if stream is not None else None
                 ckpt.save_checkpoint(accelerator, run_dir, state)
             if stopping:
@@ -214,11 +216,14 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
 
             # --- probe: frozen-feature kNN / linear scores on the val split.
             if (cfg.probe_every and state.step % cfg.probe_every == 0) or state.step == cfg.steps:
+                paused = True
                 probe = run_probe(accelerator, unwrapped.encoder, cfg, vocab, state.step)
                 if main:
                     summary.setdefault("probes", []).append(probe)
                     write_summary(run_dir, cfg, manifest, state, summary, probe)
                 accelerator.log({f"probe/{k}": v for k, v in probe.items() if "/" in k}, step=state.step)
+            if paused and tick_step == state.step:
+                tick = time.perf_counter()  # images/s measures training, not checkpoints and probes
     if main:
         write_summary(run_dir, cfg, manifest, state, summary, probe)
     accelerator.wait_for_everyone()
@@ -401,6 +406,8 @@ class BatchStream(Iterator[dict[str, torch.Tensor]]):
                 persistent_workers=False,
             )
             self._it = iter(loader)
+            if self.batches:
+                log.info("data: replaying %d batches of epoch %d to reach the saved position", self.batches, self.epoch)
             for _ in range(self.batches):
                 next(self._it)
 
@@ -450,6 +457,7 @@ def cycle_on(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterato
 def run_probe(
     accelerator: Any, encoder: nn.Module, cfg: PretrainConfig, vocab: dict[str, list[str]], step: int
 ) -> dict[str, float]:
+    """kNN and linear probe scores of `encoder` (whole images at the stored window); every process calls it."""
     from torch.utils.data import DataLoader
 
     from radpretrain.data.transforms import AugmentConfig, ViewsConfig, build_sample_fn

@@ -67,7 +67,11 @@ def test_pretrained_encoders_beat_random_init(tmp_path: Path) -> None:
     encoder = build_encoder("test_resnet", img_size=64)
     scores["random init"] = run_probe(Accelerator(cpu=True), encoder, cfg, read_manifest(cfg.data.shards)["vocab"], 0)
 
-    print(f"\n{FILES} synthetic radiographs at 64 px, test_resnet, {STEPS} steps of 32, val split:\n")
+    probed = scores["random init"]
+    print(
+        f"\n{FILES} synthetic radiographs at 64 px, test_resnet, {STEPS} steps of 32; probes on "
+        f"{probed['val_samples']} val images with {probed['train_samples']} train images as bank / fit set:\n"
+    )
     print("| encoder | kNN body part | linear body part | kNN age bucket | linear age bucket |")
     print("|---|---|---|---|---|")
     for name, probe in scores.items():
