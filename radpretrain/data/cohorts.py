@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from radpretrain.registry import did_you_mean
 log = logging.getLogger(__name__)
 
 KINDS = ("seg2d", "cls2d", "seg3d", "cls3d")
+#: A DICOM UID (digits and dots, e.g. 1.2.826.0.1.3680043...) used as a file or folder name.
+UID_NAME = re.compile(r"^[0-9]+(\.[0-9]+){3,}$")
 #: Files read as 2D images (8-bit PNG/JPEG are already display-windowed; 16-bit PNG and DICOM are not).
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 #: Files read as 3D volumes; a folder of DICOM files is also a volume (one series).
@@ -206,17 +209,20 @@ def _from_table(table: Path, kind: str | None, label_column: str, structure: str
     if target_column not in columns:
         hint = " (set label_column to the column that holds the labels)" if task == "cls" else ""
         raise CohortError(f"{table.name} has no '{target_column}' column (columns: {shown}){hint}")
+    line = {id(row): n for n, row in enumerate(rows, start=2)}  # the spreadsheet row, header = row 1
     if "structure" in columns and task == "seg":
         rows = _one_structure(rows, structure, table.name)
     layout = f"table {table.name}"
 
-    images = [_resolve(table.parent, row["image"], n) for n, row in enumerate(rows, start=2)]
+    numbers = [line[id(row)] for row in rows]
+    images = [_resolve(table.parent, row["image"], n) for n, row in zip(numbers, rows, strict=True)]
     dims = _dims_of(images, layout, kind)
-    ids = _unique_ids([_stem(image) for image in images])
+    ids = _unique_ids(_case_names(images, [f"row{n}" for n in numbers]))
     patients = [row.get("patient") or case_id for row, case_id in zip(rows, ids, strict=True)]
     if task == "seg":
         targets: list[Path | int | float | None] = [
-            _resolve(table.parent, row["mask"], n) if row["mask"] else None for n, row in enumerate(rows, start=2)
+            _resolve(table.parent, row["mask"], n) if row["mask"] else None
+            for n, row in zip(numbers, rows, strict=True)
         ]
         classes: list[str] = []
     else:
@@ -330,7 +336,8 @@ def _from_class_folders(entries: list[Path], kind: str | None) -> Cohort | None:
     classes = sorted(members)
     images = [p for name in classes for p in members[name]]
     targets: list[Path | int | float | None] = [i for i, name in enumerate(classes) for _ in members[name]]
-    ids = _unique_ids([_stem(p) for p in images])
+    places = [f"{name}-{k}" for name in classes for k in range(1, len(members[name]) + 1)]
+    ids = _unique_ids(_case_names(images, places))
     dims = _dims_of(images, "class folders", kind)
     cases = [Case(i, i, image, target) for i, image, target in zip(ids, images, targets, strict=True)]
     return Cohort(cases, f"cls{dims}d", classes, "class folders")
@@ -346,6 +353,13 @@ def _ext(path: Path) -> str:
 def _stem(path: Path) -> str:
     ext = _ext(path)
     return path.name[: len(path.name) - len(ext)] if ext else path.name
+
+
+def _case_names(images: Sequence[Path], places: Sequence[str]) -> list[str]:
+    """File stems name the cases, except a stem that is a DICOM UID (PACS exports name files so): that case is
+    named by its place (`row12` of the table, `fracture-3` of a class folder), so no UID reaches a message."""
+    stems = [_stem(image) for image in images]
+    return [place if UID_NAME.match(stem) else stem for stem, place in zip(stems, places, strict=True)]
 
 
 def _unique_ids(stems: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -163,3 +164,29 @@ def test_label_counts_larger_than_the_pool(
         )
         assert message.startswith("label count 500 is larger than the pool of ")
     assert not out.exists()
+
+
+def test_a_bad_case_in_a_file_named_by_its_dicom_uid_is_named_by_its_row(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox, lung_cohort: Path
+) -> None:
+    # PACS exports often name files by SOPInstanceUID; such a name must not reach a message.
+    root = lung_cohort.parent
+    rows = [{**row, "image": str(root / row["image"]), "mask": str(root / row["mask"])} for row in _lungs(lung_cohort)]
+    uid = re.compile(r"[0-9]+(\.[0-9]+){3,}")
+    named = next(i for i, row in enumerate(rows) if uid.fullmatch(Path(row["image"]).stem))
+    mask = cv2.imread(rows[named]["mask"], cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(sandbox.root / "small.png"), mask[::2, ::2])
+    rows[named]["mask"] = str(sandbox.root / "small.png")
+    table = _write_table(sandbox.root / "cohort.csv", rows)
+    out = sandbox.root / "ft"
+    args = ["finetune", f"cohort={table}", "encoder=test_resnet", "strategy=random", f"out={out}", *FINETUNE]
+    with sandbox.only_writes(out, watch=[root]):
+        message = refused(capsys, *args, "test_fraction=0", "val_fraction=0")
+    assert message.startswith(f"case row{named + 2}: mask shape (")  # row 1 is the header
+    assert not uid.search(message)
+    uid_named = [row for row in rows if uid.fullmatch(Path(row["image"]).stem)][1:]
+    table = _write_table(sandbox.root / "uid-named.csv", uid_named)
+    args = ["finetune", f"cohort={table}", "encoder=test_resnet", "strategy=random", f"out={out}", *FINETUNE]
+    with sandbox.only_writes(out, watch=[root]):  # DICOM files read as volumes want volume masks
+        message = refused(capsys, *args, "kind=seg3d", "test_fraction=0", "val_fraction=0")
+    assert message in {f"case row{n}: label volumes must be NRRD or NIfTI files" for n in range(2, len(uid_named) + 2)}
