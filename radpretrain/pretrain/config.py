@@ -81,6 +81,15 @@ class ProbeConfig:
     def validate(self) -> None:
         if self.train_samples < 1 or self.val_samples < 1 or self.k < 1 or self.batch_size < 1:
             raise ConfigError("probe.train_samples, probe.val_samples, probe.k and probe.batch_size must be >= 1")
+        from radpretrain.pretrain.tasks.base import LABEL_NAMES  # late: torch is not needed to read a config
+        from radpretrain.registry import did_you_mean
+
+        for label in self.labels:  # checked now, not after training when the first probe runs
+            if label not in LABEL_NAMES:
+                raise ConfigError(
+                    f"unknown probe label '{label}' in probe.labels.{did_you_mean(label, LABEL_NAMES)} "
+                    f"Known: {', '.join(LABEL_NAMES)}"
+                )
 
 
 @dataclass

@@ -23,6 +23,8 @@ CASES = [
     (["pretrain", "data=64"], ["config key 'data' is a section; give it keys, e.g. data.<name>=..."]),
     (["pretrain", "tasks={simclar: 1.0}"], ["Unknown task 'simclar'. Did you mean 'simclr'?", "Known: byol, mae"]),
     (["pretrain", "steps"], ["override 'steps' must look like key=value"]),
+    # Used only by the probe at the end of training: checked before the first step all the same.
+    (["pretrain", "probe.labels=[bodypart]"], ["unknown probe label 'bodypart'", "Did you mean 'body_part'?"]),
     (["finetune", "epoch=3"], ["unknown config key 'epoch'", "Did you mean 'epochs'?"]),
     (["finetune", "optim.learning_rate=1e-3"], ["unknown config key 'optim.learning_rate'"]),
     (["finetune", "n_train=five"], ["config key 'n_train' must be an integer, got 'five'"]),
