@@ -93,6 +93,9 @@ class DwpConfig:
     kl_weight: float = 1.0
     #: Kernels per layer in each step's stochastic (unbiased) KL estimate; 0: all.
     kernel_sample: int = 2048
+    #: Seed of the prior's training: the prior depends on the sources only, so every run and sweep cell
+    #: with the same sources shares one trained prior.
+    seed: int = 0
     #: Folder that keeps trained priors so that sweep cells reuse them (none: keep in memory only).
     cache: Path | None = None
 

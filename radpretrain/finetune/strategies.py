@@ -285,7 +285,7 @@ class DeepWeightPrior(Strategy):
         if not ctx.sources:
             raise ConfigError("strategy dwp needs source encoders (dwp.sources, or a pretrained encoder)")
         kernels = dwp.collect_kernels(ctx.sources, ctx.stages, ctx.dwp.groups)
-        prior = dwp.load_or_train_prior(kernels, ctx.dwp, seed=ctx.seed)
+        prior = dwp.load_or_train_prior(kernels, ctx.dwp, seed=ctx.dwp.seed)
         generator = torch.Generator().manual_seed(ctx.seed)
         encoder = getattr(model, ENCODER)
         self.layers = dwp.make_variational(encoder, prior, ctx.stages, ctx.dwp, generator=generator)

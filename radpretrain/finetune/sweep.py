@@ -217,6 +217,22 @@ def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
                 )
             if is_encoder_folder(encoder) and not Path(encoder).exists():
                 raise ConfigError(f"encoder folder {encoder} does not exist")
+    _check_names(cfg)
+
+
+def _check_names(cfg: SweepConfig) -> None:
+    """Unknown encoder and model names fail now, not when their first cell runs."""
+    from radpretrain.finetune.loop import is_encoder_folder
+    from radpretrain.models.baselines3d import MODELS
+    from radpretrain.models.encoders import check_encoder_name
+
+    if cfg.finetune.model is not None:
+        MODELS.get(cfg.finetune.model)
+    for encoder in cfg.encoders or [cfg.finetune.encoder]:
+        if encoder.startswith(MODEL_PREFIX):
+            MODELS.get(encoder[len(MODEL_PREFIX) :])
+        elif cfg.finetune.model is None and not is_encoder_folder(encoder):
+            check_encoder_name(encoder)
 
 
 #: Settings that may change between runs of one sweep folder (how it runs, not what it measures); the
@@ -232,22 +248,27 @@ def check_same_settings(saved: Path, cfg: SweepConfig) -> None:
         return
     before = read_yaml(saved)
     now = to_dict(cfg)
-    changed = [
-        f"{key}: {before.get(key)!r} -> {now[key]!r}"
-        for key in ("seed", "test_count", "test_fraction")
-        if before.get(key) != now[key]
-    ]
-    old_ft, new_ft = before.get("finetune") or {}, now["finetune"]
-    changed += [
-        f"finetune.{key}: {old_ft.get(key)!r} -> {new_ft[key]!r}"
-        for key in new_ft
-        if key not in FREE_SETTINGS and old_ft.get(key) != new_ft[key]
-    ]
+    fixed_before: dict[str, Any] = {k: before[k] for k in ("seed", "test_count", "test_fraction") if k in before}
+    fixed_before["finetune"] = {k: v for k, v in (before.get("finetune") or {}).items() if k not in FREE_SETTINGS}
+    changed = _differences(fixed_before, now)
     if changed:
         raise ConfigError(
             f"{saved.parent} holds results made with other settings ({'; '.join(changed)}); give a new out "
             "folder, or restore the settings to resume"
         )
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for values that changed; keys the saved file lacks (settings added to radpretrain
+    since) are not changes."""
+    changed = []
+    for key, old in before.items():
+        new = now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changed
 
 
 def run_sweep(cfg: SweepConfig) -> Path:
