@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from radpretrain.errors import ConfigError
+from radpretrain.registry import did_you_mean
 
 #: Metrics in the order a report picks its default from; all but hd95 are higher-is-better.
 METRIC_PREFERENCE = ("dice", "auroc", "balanced_accuracy", "accuracy", "iou")
@@ -247,6 +248,12 @@ def write_report(
     if not rows:
         raise ConfigError(f"{results} holds no finished runs")
     metric = pick_metric(rows, metric)
+    strategies = sorted({str(row.get("strategy")) for row in rows})
+    if baseline != "random" and baseline not in strategies:  # named on purpose (random is the default)
+        raise ConfigError(
+            f"baseline '{baseline}' has no runs in the results.{did_you_mean(baseline, strategies)} "
+            f"Strategies there: {', '.join(strategies)}"
+        )
     results_path = Path(results)
     out = Path(out_dir) if out_dir is not None else (results_path if results_path.is_dir() else results_path.parent)
     out.mkdir(parents=True, exist_ok=True)

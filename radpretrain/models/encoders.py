@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "CBRNet",
     "build_encoder",
+    "check_encoder_name",
     "encoder_stages",
     "load_encoder",
     "read_card",
@@ -278,6 +279,16 @@ def cbr_tiny(pretrained: bool = False, **kwargs: Any) -> CBRNet:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_encoder_name(name: str) -> None:
+    """ConfigError (with the closest names) unless timm knows the architecture `name`."""
+    if not timm.is_model(name):
+        known = sorted(set(ENCODERS) | set(timm.list_models()))
+        raise ConfigError(
+            f"Unknown encoder '{name}'.{did_you_mean(name, known)} Documented: {', '.join(ENCODERS)} "
+            "(any timm architecture name also works)"
+        )
+
+
 def build_encoder(name: str, *, in_chans: int = 1, img_size: int | None = None, **kwargs: Any) -> nn.Module:
     """Build a randomly initialised timm encoder without classifier: forward(x) -> (B, num_features).
 
@@ -293,12 +304,7 @@ def build_encoder(name: str, *, in_chans: int = 1, img_size: int | None = None, 
         The timm model, with `.num_features`, `.feature_info` and `forward_intermediates`, and a
         `radpretrain_build` dict that `save_encoder` writes into the encoder card.
     """
-    if not timm.is_model(name):
-        known = sorted(set(ENCODERS) | set(timm.list_models()))
-        raise ConfigError(
-            f"Unknown encoder '{name}'.{did_you_mean(name, known)} Documented: {', '.join(ENCODERS)} "
-            "(any timm architecture name also works)"
-        )
+    check_encoder_name(name)
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8):

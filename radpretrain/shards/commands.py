@@ -380,9 +380,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from radpretrain.shards.inspect import composition_report, contact_sheet
+    from radpretrain.shards.inspect import check_sheet_path, composition_report, contact_sheet
 
+    sheet = check_sheet_path(args.sheet or Path(args.out) / "contact_sheet.png")  # before the report is printed
     print(composition_report(args.out))
-    sheet = contact_sheet(args.out, args.sheet or Path(args.out) / "contact_sheet.png", n=args.n, seed=args.seed)
+    sheet = contact_sheet(args.out, sheet, n=args.n, seed=args.seed)
     print(f"contact sheet: {sheet}")
     return 0

@@ -104,10 +104,19 @@ def random_samples(root: str | Path, n: int, seed: int = 0) -> list[dict[str, An
     return samples
 
 
+def check_sheet_path(path: str | Path) -> Path:
+    """The contact sheet's path, if OpenCV can write its format (it picks the encoder by the extension)."""
+    out = Path(path)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ShardError(f"the contact sheet must be a .png or .jpg file, got '{out.name}'; e.g. --sheet sheet.png")
+    return out
+
+
 def contact_sheet(root: str | Path, path: str | Path, n: int = 48, seed: int = 0, columns: int = 8) -> Path:
     """Write a PNG grid of `n` random samples (windowed as training sees them) captioned with their labels."""
     import cv2
 
+    out = check_sheet_path(path)
     samples = random_samples(root, n, seed)
     columns = max(1, min(columns, len(samples)))
     rows = -(-len(samples) // columns)
@@ -131,7 +140,6 @@ def contact_sheet(root: str | Path, path: str | Path, n: int = 48, seed: int = 0
                 1,
                 cv2.LINE_AA,
             )
-    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), sheet):
         raise ShardError(f"could not write the contact sheet to {out}; check the folder exists and is writable")

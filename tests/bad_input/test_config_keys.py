@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,3 +101,47 @@ def test_config_files_that_are_missing_broken_or_not_a_mapping(
         message = refused(capsys, "pretrain", typo, f"out={out}")
         assert f"unknown config key 'optim.wamrup' ({typo}). Did you mean 'warmup'?" in message
     assert not out.exists()
+
+
+def test_mistyped_names_in_grids_and_options_fail_before_any_cell_runs(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox, lung_cohort: Path, tiny_shards: Path
+) -> None:
+    out = sandbox.root / "sweep"
+    sweep = [
+        "sweep",
+        f"finetune.cohort={lung_cohort}",
+        "finetune.structure=lungs",
+        "strategies=[random]",
+        "label_counts=[2]",
+        f"out={out}",
+    ]
+    sheet = sandbox.root / "sheet.txt"
+    with sandbox.only_writes(watch=[lung_cohort.parent, tiny_shards]):
+        message = refused(capsys, *sweep, "encoders=[test_resnet, resnet18x]")
+        assert message.startswith("Unknown encoder 'resnet18x'. Did you mean 'resnet18'?")
+        message = refused(capsys, *sweep, "encoders=[model:unett]")
+        assert message == "Unknown model 'unett'. Did you mean 'unet'? Known: meshnet, resunet, unet"
+        message = refused(capsys, *sweep, "finetune.model=meshnett")
+        assert message.startswith("Unknown model 'meshnett'. Did you mean 'meshnet'?")
+        message = refused(capsys, "inspect", tiny_shards, "--sheet", sheet)
+        assert message == "the contact sheet must be a .png or .jpg file, got 'sheet.txt'; e.g. --sheet sheet.png"
+    assert not out.exists()
+
+
+def test_report_refuses_a_baseline_that_is_not_in_the_results(
+    capsys: pytest.CaptureFixture[str], sandbox: Sandbox
+) -> None:
+    results = sandbox.root / "sweep" / "results.jsonl"
+    results.parent.mkdir()
+    rows = [
+        {"cell": f"{s}|n5|r{r}", "status": "ok", "strategy": s, "encoder": "e", "n_labels": 5, "repeat": r}
+        | {"metrics": {"dice": d}}
+        for s, base in (("random", 0.5), ("full", 0.7))
+        for r, d in enumerate((base, base + 0.05, base - 0.02))
+    ]
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with sandbox.only_writes():
+        message = refused(capsys, "report", results, "--baseline", "randm", "--boot", "50")
+    assert message == (
+        "baseline 'randm' has no runs in the results. Did you mean 'random'? Strategies there: full, random"
+    )
