@@ -5,10 +5,14 @@ Each ends with one line and a non-zero exit, keeps what was finished before, and
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
 import re
-from collections.abc import Callable
+import resource
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -102,3 +106,46 @@ def test_a_full_disk_while_sharding_keeps_finished_units_and_a_rerun_completes(
     assert {tar.name for tar in finished} < listed == {tar.name for tar in out.glob("*.tar")}
     assert _digests(*finished) == {k: v for k, v in kept.items() if k.endswith(".tar")}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file of the failed write is left
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int) -> Iterator[None]:
+    """Lower this process's soft RLIMIT_FSIZE for a moment (Python ignores SIGXFSZ: writes fail with EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _failure_of(write: Callable[[], object]) -> BaseException:
+    with _file_size_limit(4096), pytest.raises(Exception) as info:
+        write()
+    return info.value
+
+
+def test_every_way_a_library_reports_a_failed_write_becomes_one_message(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from radpretrain.cli import describe_os_error, write_failure
+
+    big = torch.zeros(10_000)
+    plain = _failure_of(lambda: (tmp_path / "a.bin").write_bytes(bytes(10_000)))
+    rust = _failure_of(lambda: save_file({"w": big}, str(tmp_path / "b.safetensors")))
+    zipped = _failure_of(lambda: torch.save({"w": big}, tmp_path / "c.pt"))
+    assert isinstance(plain, OSError) and not isinstance(rust, OSError) and not isinstance(zipped, OSError)
+    for exc in (plain, rust):
+        failure = write_failure(exc)
+        assert failure is not None and failure.errno == errno.EFBIG
+        assert describe_os_error(failure) == FULL
+    failure = write_failure(zipped)  # torch.save's zip writer says neither the errno nor the file
+    assert failure is not None
+    assert describe_os_error(failure) == (
+        "torch.save could not write its file (a full disk or a file-size limit?); free space and run the same "
+        "command again to resume"
+    )
+    assert write_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug stays a bug
+    assert describe_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))).startswith("no space left on device; ")
+    assert describe_os_error(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))).startswith("disk quota exceeded; ")
