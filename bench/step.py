@@ -113,6 +113,7 @@ def run_tool(args: argparse.Namespace, shards: Path, batches: list[dict[str, Any
             "log_every=1",
             "checkpoint_every=0",
             "optim.warmup=0",
+            "optim.grad_clip=0",  # the bare loop does not clip either
             "probe.train_samples=8",
             "probe.val_samples=8",
             "probe.k=3",

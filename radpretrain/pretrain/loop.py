@@ -168,7 +168,12 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
                     accelerator.backward(out["loss"] / cfg.optim.accumulation)
                 for name, value in out.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / cfg.optim.accumulation
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+            if cfg.optim.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            else:  # the norm alone (for the guard and the log): clip_grad_norm_ would also rescale every gradient
+                accelerator.unscale_gradients()
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads)
 
             # --- one all-reduce carries the loss terms, the gradient norm and any stop request.
             names = sorted(sums)
