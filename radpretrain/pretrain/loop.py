@@ -390,6 +390,7 @@ class BatchStream(Iterator[dict[str, torch.Tensor]]):
 
     def _open(self) -> None:
         from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
 
         from radpretrain.shards.reader import build_pipeline
 
@@ -413,7 +414,7 @@ class BatchStream(Iterator[dict[str, torch.Tensor]]):
             self._it = iter(loader)
             if self.batches:
                 log.info("data: replaying %d batches of epoch %d to reach the saved position", self.batches, self.epoch)
-            for _ in range(self.batches):
+            for _ in tqdm(range(self.batches), desc="data: replaying", disable=self.rank != 0, leave=False):
                 next(self._it)
 
     def __next__(self) -> dict[str, torch.Tensor]:
