@@ -116,10 +116,11 @@ def summarize(rows: list[dict[str, Any]], metric: str) -> list[Summary]:
 
 
 def bootstrap_ci(diffs: np.ndarray, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of paired differences (pairs resampled)."""
+    """Percentile bootstrap confidence interval of the mean of paired differences (pairs resampled); NaN
+    for fewer than two pairs."""
     diffs = np.asarray(diffs, dtype=np.float64)
-    if diffs.size == 0:
-        return math.nan, math.nan
+    if diffs.size < 2:
+        return math.nan, math.nan  # one pair says nothing about spread
     rng = np.random.default_rng(seed)
     means = diffs[rng.integers(0, diffs.size, size=(n_boot, diffs.size))].mean(axis=1)
     alpha = (1.0 - level) / 2.0

@@ -103,6 +103,7 @@ def test_bootstrap_ci_is_seeded_and_covers_the_true_difference():
     assert high - low == pytest.approx(2 * 1.96 * diffs.std(ddof=1) / math.sqrt(40), rel=0.2)
     assert report.bootstrap_ci(np.full(6, 0.25), n_boot=100) == (pytest.approx(0.25), pytest.approx(0.25))
     assert math.isnan(report.wilcoxon_p(np.zeros(4)))
+    assert all(math.isnan(v) for v in report.bootstrap_ci(np.array([0.3])))
 
 
 def test_report_files_and_cli(results, tmp_path, capsys):
