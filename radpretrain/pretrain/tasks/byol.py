@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from radpretrain.errors import ConfigError
-from radpretrain.pretrain.tasks.base import Task, check_positive, register_task
+from radpretrain.pretrain.tasks.base import check_positive, register_task
+from radpretrain.pretrain.tasks.momentum import MomentumTask
 
 
 @register_task("byol")
-class BYOL(Task):
+class BYOL(MomentumTask):
     """Symmetrised negative cosine similarity between online predictions and momentum projections.
 
     No negatives, so it works with the small per-GPU batches that large radiographs force.
@@ -37,7 +34,6 @@ class BYOL(Task):
     """
 
     views = ("view0", "view1")
-    momentum: torch.Tensor
     defaults: ClassVar[dict[str, Any]] = {"momentum": 0.99, "momentum_end": 1.0, "hidden_dim": 0, "output_dim": 256}
 
     def __init__(
@@ -45,35 +41,16 @@ class BYOL(Task):
     ) -> None:
         super().__init__(encoder, num_features, options, vocab)
         check_positive(self.name, self.options, "output_dim")
-        start, end = self.options["momentum"], self.options["momentum_end"]
-        if not 0.0 <= start <= end <= 1.0:
-            raise ConfigError(
-                f"task_options.byol needs 0 <= momentum <= momentum_end <= 1, got {start} and {end} (e.g. 0.99, 1.0)"
-            )
         hidden = self.options["hidden_dim"] or 2 * num_features
         out = self.options["output_dim"]
         self.projection_head = BYOLProjectionHead(num_features, hidden, out)
         self.prediction_head = BYOLPredictionHead(out, hidden, out)
-        self.encoder_momentum = copy.deepcopy(encoder)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.encoder_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = NegativeCosineSimilarity()
-        self.register_buffer("momentum", torch.tensor(float(start)), persistent=True)
+        self.init_momentum(encoder)
 
     def forward(self, encoder: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = torch.cat([batch["view0"], batch["view1"]])
         p0, p1 = self.prediction_head(self.projection_head(encoder(x))).chunk(2)
-        with torch.no_grad():
-            z0, z1 = self.projection_head_momentum(self.encoder_momentum(x)).chunk(2)
+        z0, z1 = self.momentum_projection(x).chunk(2)
         loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
         return {"loss": loss, "momentum": self.momentum.detach().clone()}
-
-    @torch.no_grad()
-    def after_step(self, encoder: nn.Module, step: int, total_steps: int) -> None:
-        m = cosine_schedule(
-            min(step, total_steps), max(total_steps, 1), self.options["momentum"], self.options["momentum_end"]
-        )
-        update_momentum(encoder, self.encoder_momentum, m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m)
-        self.momentum.fill_(m)

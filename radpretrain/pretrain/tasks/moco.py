@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from radpretrain.errors import ConfigError
-from radpretrain.pretrain.tasks.base import Task, check_positive, register_task
+from radpretrain.pretrain.tasks.base import check_positive, register_task
+from radpretrain.pretrain.tasks.momentum import MomentumTask
 
 
 @register_task("moco")
-class MoCo(Task):
+class MoCo(MomentumTask):
     """InfoNCE between online queries and momentum keys, negatives from a memory bank of earlier keys.
 
     The queue decouples the number of negatives from the batch size, which large radiographs keep small;
@@ -40,7 +38,6 @@ class MoCo(Task):
     """
 
     views = ("view0", "view1")
-    momentum: torch.Tensor
     defaults: ClassVar[dict[str, Any]] = {
         "temperature": 0.2,
         "memory_bank_size": 4096,
@@ -55,41 +52,22 @@ class MoCo(Task):
     ) -> None:
         super().__init__(encoder, num_features, options, vocab)
         check_positive(self.name, self.options, "temperature", "output_dim")
-        start, end = self.options["momentum"], self.options["momentum_end"]
-        if not 0.0 <= start <= end <= 1.0:
-            raise ConfigError(
-                f"task_options.moco needs 0 <= momentum <= momentum_end <= 1, got {start} and {end} (e.g. 0.99, 1.0)"
-            )
         bank = self.options["memory_bank_size"]
         if bank < 0:
             raise ConfigError(f"task_options.moco.memory_bank_size must be >= 0, got {bank}")
         out = self.options["output_dim"]
         self.projection_head = MoCoProjectionHead(num_features, self.options["hidden_dim"] or num_features, out)
-        self.encoder_momentum = copy.deepcopy(encoder)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.encoder_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = NTXentLoss(
             temperature=self.options["temperature"],
             memory_bank_size=(bank, out) if bank else 0,
             gather_distributed=True,
         )
-        self.register_buffer("momentum", torch.tensor(float(start)))
+        self.init_momentum(encoder)
 
     def forward(self, encoder: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = torch.cat([batch["view0"], batch["view1"]])
         q0, q1 = self.projection_head(encoder(x)).chunk(2)
-        with torch.no_grad():
-            k0, k1 = self.projection_head_momentum(self.encoder_momentum(x)).chunk(2)
+        k0, k1 = self.momentum_projection(x).chunk(2)
         loss = self.criterion(torch.cat([q0, q1]), torch.cat([k1, k0]))
         cosine = nn.functional.cosine_similarity(q0.detach(), k1, dim=1).mean()
         return {"loss": loss, "momentum": self.momentum.detach().clone(), "pos_cosine": cosine}
-
-    @torch.no_grad()
-    def after_step(self, encoder: nn.Module, step: int, total_steps: int) -> None:
-        m = cosine_schedule(
-            min(step, total_steps), max(total_steps, 1), self.options["momentum"], self.options["momentum_end"]
-        )
-        update_momentum(encoder, self.encoder_momentum, m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m)
-        self.momentum.fill_(m)
