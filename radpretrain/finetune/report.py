@@ -209,15 +209,17 @@ def plot_learning_curves(summary: list[Summary], metric: str, path: str | Path, 
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     arms = list(dict.fromkeys(s.arm for s in summary))
+    fig, ax = plt.subplots(figsize=(7.6 if len(arms) > 4 else 6.4, 4.2), dpi=120)
+    # Many overlapping bands turn to mud: fainter bands the more arms share the plot.
+    alpha = 0.15 if len(arms) <= 3 else 0.06
     for arm in arms:
         points = sorted((s for s in summary if s.arm == arm), key=lambda s: s.n_labels)
         x = np.array([s.n_labels for s in points], dtype=float)
         mean = np.array([s.mean for s in points])
         sd = np.nan_to_num(np.array([s.sd for s in points]))
         (line,) = ax.plot(x, mean, marker="o", label=arm)
-        ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=alpha, linewidth=0)
     counts = sorted({s.n_labels for s in summary})
     if len(counts) > 1 and counts[-1] / counts[0] >= 8:
         ax.set_xscale("log")
@@ -227,7 +229,10 @@ def plot_learning_curves(summary: list[Summary], metric: str, path: str | Path, 
     ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     ax.set_title(title or f"{metric} vs labeled cases (mean ± sd over repeats)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(arms) > 4:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
