@@ -42,7 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="tables, paired statistics and learning curves of a sweep",
         description=(
             "Read a sweep's results.jsonl and write report.md (mean (sd) per strategy and label count, "
-            "paired differences against the baseline with 95%% bootstrap CIs and Wilcoxon signed-rank "
+            "paired differences against the baseline with 95% bootstrap CIs and Wilcoxon signed-rank "
             "p-values), summary.csv, paired.csv and learning_curve.png."
         ),
     )
