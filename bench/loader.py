@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pagecache import prime  # bench/ sibling module (the script folder is on sys.path)
+
 TARGET_PER_CORE = 150.0  # two-view samples per CPU-second from shards
 TARGET_RATIO = 20.0  # shards per core / per-file uncompressed DICOM per core
 COMPRESSED = ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "DeflatedExplicitVRLittleEndian"]
@@ -107,14 +109,6 @@ def make_shards(archive: Path, workdir: Path) -> Path:
     config = ShardConfig(size=512, shard_size=25, val_fraction=0.0, test_fraction=0.0)
     shard(archive, workdir / "shards", config, key=workdir / "deid.key", workers=len(os.sched_getaffinity(0)))
     return workdir / "shards"
-
-
-def prime(paths: Iterable[Path | str]) -> None:
-    """Read every file once so both contenders start with them in the page cache."""
-    for path in paths:
-        with open(path, "rb") as handle:
-            while handle.read(1 << 22):
-                pass
 
 
 def sample_fn(shards: Path) -> Any:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pagecache import prime  # bench/ sibling module (the script folder is on sys.path)
+
 if TYPE_CHECKING:
     import psutil
 
@@ -160,14 +162,6 @@ def radiographs(root: Path) -> list[Path]:
     from radpretrain.shards.synth import SynthSummary
 
     return sorted(SynthSummary.load(root).radiographs)
-
-
-def prime(paths: list[Path]) -> None:
-    """Read every file once so each contender starts with them in the page cache."""
-    for path in paths:
-        with open(path, "rb") as handle:
-            while handle.read(1 << 22):
-                pass
 
 
 def run_shard(archive: Path, workdir: Path, workers: int, args: argparse.Namespace) -> Run:
