@@ -143,9 +143,10 @@ def sample_meta(
 ) -> dict[str, Any]:
     """The json of one sample: derived index fields + what the pixels say, all in stored units."""
     low, high = (float(v) for v in np.percentile(stored, [0.5, 99.5]))
-    if window is None:
-        window = ((low + high) / 2.0, max(high - low, 1.0))
-    center, width = window[0] - offset, window[1]
+    if window is None:  # the robust range is in stored units already
+        center, width = (low + high) / 2.0, max(high - low, 1.0)
+    else:
+        center, width = window[0] - offset, window[1]
     scale_r, scale_c = original_shape[0] / stored.shape[0], original_shape[1] / stored.shape[1]
     meta = {
         "schema_version": deid.SCHEMA_VERSION,

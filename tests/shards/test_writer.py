@@ -44,6 +44,18 @@ def test_rescaled_ct_like_values_and_header_window(tmp_path: Path) -> None:
     assert meta["spacing_mm"] == pytest.approx([0.2 * 96 / 48, 0.2 * 80 / 40])
 
 
+def test_window_from_the_robust_range_when_the_header_has_none(tmp_path: Path) -> None:
+    # Negative modality-LUT values need an offset; the fallback window is already in stored units.
+    make_radiograph(tmp_path / "src" / "a.dcm", "P1", rescale=(1.0, -1024.0), window=None, bits_stored=12)
+    shard(tmp_path / "src", tmp_path / "out", CONFIG, key=tmp_path / "k", progress=False)
+    [sample] = _samples(tmp_path / "out").values()
+    meta, pixels = sample["meta"], sample["pixels"]
+    assert meta["offset"] < 0
+    low, high = meta["window_center"] - meta["window_width"] / 2, meta["window_center"] + meta["window_width"] / 2
+    assert (low, high) == pytest.approx((meta["intensity_low"], meta["intensity_high"]))
+    assert ((pixels >= low) & (pixels <= high)).mean() > 0.5
+
+
 def _multiframe(path: Path, frames: int) -> str:
     ds = make_radiograph(path, "P9", shape=(32, 24))
     pixels = np.stack([np.full((32, 24), 100 * (i + 1), np.uint16) for i in range(frames)])
