@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -144,7 +143,7 @@ def _shard(cfg: DemoConfig, paths: dict[str, Path]) -> Any:
 
 
 def _pretrain(cfg: DemoConfig, paths: dict[str, Path]) -> dict[str, Any]:
-    from radpretrain.config import load_config
+    from radpretrain.config import build
     from radpretrain.pretrain import checkpoint as ckpt
     from radpretrain.pretrain.config import PretrainConfig
     from radpretrain.pretrain.loop import pretrain, read_summary
@@ -173,8 +172,7 @@ def _pretrain(cfg: DemoConfig, paths: dict[str, Path]) -> dict[str, Any]:
         "resume": existing is not None,
         "cpu": True,
     }
-    overrides = [f"{key}={json.dumps(value)}" for key, value in _flatten(settings).items()]
-    pretrain(load_config(PretrainConfig, None, overrides))
+    pretrain(build(PretrainConfig, settings))
     return read_summary(run)
 
 
@@ -188,7 +186,7 @@ def _export(paths: dict[str, Path]) -> Path:
 
 
 def _sweep(cfg: DemoConfig, paths: dict[str, Path]) -> Path:
-    from radpretrain.config import load_config
+    from radpretrain.config import build
     from radpretrain.finetune.config import SweepConfig
     from radpretrain.finetune.sweep import run_sweep
 
@@ -210,24 +208,13 @@ def _sweep(cfg: DemoConfig, paths: dict[str, Path]) -> Path:
         "seed": cfg.seed,
         "out": str(paths["sweep"]),
     }
-    overrides = [f"{key}={json.dumps(value)}" for key, value in _flatten(settings).items()]
-    return run_sweep(load_config(SweepConfig, None, overrides))
+    return run_sweep(build(SweepConfig, settings))
 
 
 def _report(paths: dict[str, Path]) -> Any:
     from radpretrain.finetune.report import write_report
 
     return write_report(paths["sweep"] / "results.jsonl", paths["sweep"] / "report")
-
-
-def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key not in ("tasks",):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def format_summary(results: dict[str, Any]) -> str:
