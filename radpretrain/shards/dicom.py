@@ -214,11 +214,22 @@ def window_from_header(ds: Dataset) -> tuple[float, float] | None:
     return center, width
 
 
+#: Shrinking by REDUCING_GAP x k or more first averages k x k blocks exactly (OpenCV's fast integer-factor
+#: INTER_AREA path), then one INTER_AREA takes the remaining factor, which stays >= REDUCING_GAP: Pillow's
+#: `reducing_gap` idea. 2500 x 2000 -> 512 (k = 2), one core: 4.0 ms instead of 10.5 ms; against a one-step
+#: INTER_AREA the mean difference is 1.5 grey levels (99th percentile 9) where pixel noise is about 40 on
+#: synthetic 12-bit radiographs. Factors below 2 x REDUCING_GAP (pydicom-data's RG1 and RG3 at 512) are one
+#: step, exactly as before. A side not divisible by k loses its k - 1 or fewer edge pixels, split between
+#: both ends, so the geometry moves by at most (k - 1) / 2 source pixels at an edge.
+REDUCING_GAP = 2.0
+
+
 def resize_longest(img: np.ndarray, size: int) -> np.ndarray:
-    """Shrink so the longest side is `size` with cv2 INTER_AREA, keeping the dtype; never upscales.
+    """Shrink so the longest side is `size` with area interpolation, keeping the dtype; never upscales.
 
     Accepts (H, W) or (F, H, W). uint8/uint16/int16/float32/float64 resize natively; other integer dtypes
     go through float64 (exact for them) and are rounded back, so 16-bit and wider values survive.
+    Large factors go in two area steps (see `REDUCING_GAP`).
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -233,12 +244,24 @@ def resize_longest(img: np.ndarray, size: int) -> np.ndarray:
     scale = size / longest
     target = (size, max(1, round(height * scale))) if width >= height else (max(1, round(width * scale)), size)
     if img.dtype in (np.uint8, np.uint16, np.int16, np.float32, np.float64):
-        return cast(np.ndarray, cv2.resize(img, target, interpolation=cv2.INTER_AREA))
-    out = cv2.resize(img.astype(np.float64), target, interpolation=cv2.INTER_AREA)
+        return _area(img, target)
+    out = _area(img.astype(np.float64), target)
     if np.issubdtype(img.dtype, np.integer):
         info = np.iinfo(img.dtype)
         out = np.clip(np.rint(out), info.min, info.max)
     return out.astype(img.dtype)
+
+
+def _area(img: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+    """INTER_AREA to `target` (width, height), in two steps when the factor is at least 2 x REDUCING_GAP."""
+    height, width = img.shape
+    k = int(min(height / target[1], width / target[0]) / REDUCING_GAP)
+    if k >= 2:
+        rows, cols = height // k * k, width // k * k
+        top, left = (height - rows) // 2, (width - cols) // 2
+        block = img[top : top + rows, left : left + cols]
+        img = cv2.resize(block, (cols // k, rows // k), interpolation=cv2.INTER_AREA)
+    return cast(np.ndarray, cv2.resize(img, target, interpolation=cv2.INTER_AREA))
 
 
 def transfer_syntax_name(ds: Dataset) -> str:

@@ -421,6 +421,34 @@ def test_resize_longest_keeps_dtype_and_16_bit_values() -> None:
     assert resize_longest(img, 500) is img
 
 
+@pytest.mark.parametrize("shape", [(2500, 2000), (2503, 2001)])
+def test_resize_longest_large_factors_stay_close_to_one_step_area(shape: tuple[int, int]) -> None:
+    # A ramp with a sharp 400-level step, plus white noise, shrunk ~4.9x: the two-step path (k = 2 first)
+    # keeps the shape, the noise level, the step's place (trimming an odd side moves it < 0.15 of the step
+    # at one column) and stays within half the output noise of a one-step INTER_AREA.
+    rng = np.random.default_rng(0)
+    rows, cols = shape
+    ramp = np.linspace(500, 3500, cols, dtype=np.float32)[None, :].repeat(rows, 0)
+    ramp[:, 1200:] += 400
+    noisy = np.clip(ramp + rng.normal(0, 40, shape), 0, 4095).astype(np.uint16)
+    target = (round(cols * 512 / rows), 512)
+    small = resize_longest(noisy, 512)
+    assert small.shape == (target[1], target[0]) and small.dtype == np.uint16
+    clean_one = cv2.resize(ramp, target, interpolation=cv2.INTER_AREA)
+    clean_two = resize_longest(ramp, 512)
+    noise_one = cv2.resize(noisy, target, interpolation=cv2.INTER_AREA) - clean_one
+    noise_two = small - clean_two
+    assert 0.85 < noise_two.std() / noise_one.std() < 1.15
+    assert np.abs(noise_two - noise_one).mean() < 0.5 * noise_one.std()
+    step = np.argmax(np.diff(clean_one.mean(axis=0)))
+    assert np.argmax(np.diff(clean_two.mean(axis=0))) == step
+    away = np.ones(target[0], bool)
+    away[step - 1 : step + 3] = False
+    assert np.abs(clean_two - clean_one)[:, away].max() < 2.0  # the ramp climbs 1.5 per source column
+    assert np.abs(clean_two - clean_one).max() < 0.15 * 400
+    assert np.all(resize_longest(np.full(shape, 777, np.uint16), 512) == 777)
+
+
 def test_resize_longest_handles_wide_integers_and_frames() -> None:
     img = np.full((90, 60), 70000, dtype=np.int32)
     img[:45] = -5000
