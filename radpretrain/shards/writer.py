@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from radpretrain import __version__, intensity
@@ -48,7 +49,16 @@ ERRORS = "errors.jsonl"
 TMP_MARK = ".tmp-"
 #: Frames a multi-frame file gives: "all" (every frame a sample), "first" or "middle".
 FRAME_RULE = "all"
-PNG_LEVEL = 1  # 16-bit PNG at level 1 encodes 4.5x faster than level 6 for ~10 % more bytes
+#: 16-bit PNG settings: zlib level 1, run-length strategy, the "up" filter on every row. Measured on 512 px
+#: images (30 synthetic 12-bit radiographs / pydicom-data RG1 and RG3), one core, against level 1 with
+#: libpng's adaptive filters: encode 5.3 / 5.4 ms instead of 13.1 / 11.6, decode 2.4 / 2.6 ms instead of
+#: 3.7 / 3.4, and 2-4 % fewer bytes (9.15 / 7.36 bits per pixel instead of 9.31 / 7.68). Level 6 with
+#: adaptive filters is 4.5x slower to encode than level 1 for ~10 % fewer bytes.
+PNG_PARAMS = (
+    (cv2.IMWRITE_PNG_COMPRESSION, 1),
+    (cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE),
+    (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP),
+)
 STORAGE = (
     "png: 16-bit grayscale, modality-LUT output after MONOCHROME1 inversion (higher = more attenuation) "
     "minus json 'offset', resized with cv2 INTER_AREA so the longest side is at most 'size'; window_center, "
@@ -124,9 +134,7 @@ def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    import cv2
-
-    ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+    ok, data = cv2.imencode(".png", image, [value for pair in PNG_PARAMS for value in pair])
     if not ok:
         raise ShardError("PNG encoding failed")
     return bytes(data.tobytes())
@@ -326,10 +334,27 @@ def _die_with_parent() -> None:
         pass
 
 
+#: glibc malloc settings for writer processes (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). By default a
+#: freed 10 MB pixel buffer goes back to the kernel and the next file's buffers are page-faulted in afresh:
+#: 2,400 faults and ~5 ms of a 2500 x 2000 file's 10 ms read. Buffers up to 128 MB now come from the heap,
+#: which keeps up to 256 MB of free space for the next file (read_dicom: 3.6 ms instead of 9.6).
+MALLOC_MMAP_THRESHOLD = 128 * 2**20
+MALLOC_TRIM_THRESHOLD = 256 * 2**20
+
+
+def reuse_large_buffers() -> None:
+    """Let this process reuse freed pixel-sized buffers instead of returning them (see MALLOC_*); glibc only."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MALLOC_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MALLOC_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its default behaviour, only slower
+        pass
+
+
 def _init_worker(settings: WriterSettings, updates: Any) -> None:
     _die_with_parent()
-    import cv2
-
+    reuse_large_buffers()
     cv2.setNumThreads(1)  # parallelism comes from the processes
     deid.quiet_header_echo()
     _WORKER.update(settings=settings, updates=updates)
@@ -350,8 +375,7 @@ def write_units(
     bar = tqdm(total=total, unit="files", desc="shard", disable=not progress, smoothing=0.05)
     try:
         if workers <= 1 or len(tasks) <= 1:
-            import cv2
-
+            reuse_large_buffers()
             cv2.setNumThreads(1)
             deid.quiet_header_echo()
             for task in tasks:
