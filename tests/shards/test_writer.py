@@ -13,7 +13,7 @@ from radpretrain.errors import ShardError
 from radpretrain.shards import deid, dicom, reader
 from radpretrain.shards.index import build_index
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard, stored_pixels
+from radpretrain.shards.writer import robust_range, shard, stored_pixels
 from tests.shards.helpers import make_archive, make_radiograph
 
 CONFIG = ShardConfig(size=48, shard_size=2, val_fraction=0.0, test_fraction=0.0)
@@ -30,6 +30,17 @@ def test_stored_pixels_offsets() -> None:
     assert offset == -1024 and image.tolist() == [[0, 4095]]
     image, offset = stored_pixels(np.array([[-3.5, 2.5]]))
     assert offset == -4 and image.tolist() == [[0, 6]]  # round half to even of 0.5 and 6.5
+
+
+def test_robust_range_is_numpys_percentile() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        shape = (int(rng.integers(1, 300)), int(rng.integers(1, 300)))
+        image = rng.integers(0, int(rng.choice([1, 255, 4095, 65535])) + 1, shape).astype(np.uint16)
+        if trial % 3 == 0:
+            image //= 7  # gaps in the histogram
+        assert np.allclose(robust_range(image), np.percentile(image, [0.5, 99.5]), rtol=0, atol=1e-9)
+        assert np.allclose(robust_range(image, (10, 90)), np.percentile(image, [10, 90]), rtol=0, atol=1e-9)
 
 
 def test_rescaled_ct_like_values_and_header_window(tmp_path: Path) -> None:
