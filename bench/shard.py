@@ -11,7 +11,7 @@ What is compared, all on the same synthetic radiographs (`radpretrain.shards.syn
   16-bit PNG at level 1 with libpng's adaptive filters (what the floor was before two-step resizing and the
   RLE + "up" filter PNG settings);
 - naive: pydicom dcmread + apply_voi_lut + PIL LANCZOS resize + PIL PNG save, the usual tutorial code.
-The loops run with the writer's malloc settings (`writer.reuse_large_buffers`), as its workers do.
+The loops run with the writer's malloc settings (`shards.pool.reuse_large_buffers`), as its workers do.
 "Per core" is files per CPU-second, so it means the same whether a process used one thread or several.
 Every contender finds the files in the page cache: they are read once before each timing.
 """
@@ -241,7 +241,7 @@ def child_shard(src: str, out: str, key: str, private: str, workers: str, config
 def timed_loop(one: Callable[[Path, int], None], paths: list[Path], size: int) -> Run:
     import cv2
 
-    from radpretrain.shards.writer import reuse_large_buffers
+    from radpretrain.shards.pool import reuse_large_buffers
 
     cv2.setNumThreads(1)  # per-core numbers, like the writer's workers
     reuse_large_buffers()  # the writer's malloc settings too: every loop runs under the same conditions

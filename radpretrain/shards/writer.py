@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
-import multiprocessing
 import os
-import queue
-import signal
 import socket
 import tarfile
 import time
@@ -27,7 +24,7 @@ import numpy as np
 
 from radpretrain import __version__, intensity
 from radpretrain.errors import DicomError, ShardError
-from radpretrain.shards import deid, labels
+from radpretrain.shards import deid, labels, pool
 from radpretrain.shards.index import Index, build_index, check_source, default_private_dir, read_index
 from radpretrain.shards.index import read_private_paths as read_paths
 from radpretrain.shards.plan import (
@@ -62,7 +59,8 @@ PNG_PARAMS = (
 )
 STORAGE = (
     "png: 16-bit grayscale, modality-LUT output after MONOCHROME1 inversion (higher = more attenuation) "
-    "minus json 'offset', resized with cv2 INTER_AREA so the longest side is at most 'size'; window_center, "
+    "minus json 'offset', resized with area interpolation (cv2 INTER_AREA, in two steps for factors of 4 or more) "
+    "so the longest side is at most 'size'; window_center, "
     "window_width, intensity_low and intensity_high are in stored units; windowing happens when reading."
 )
 COMPOSITION_FIELDS = ("body_part", "age_bucket", "sex", "view", "laterality", "modality", "manufacturer")
@@ -295,7 +293,7 @@ def write_unit(
     composition: dict[str, Counter[str]] = {name: Counter() for name in COMPOSITION_FIELDS}
     samples_written = files_written = 0
     # One copy per member instead of 16 KB chunks: a 250 KB PNG is added in 0.14 ms instead of 0.28.
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT, copybufsize=2**20) as sink:
+    with tarfile.TarFile(tmp_tar, "w", format=tarfile.USTAR_FORMAT, copybufsize=2**20) as sink:
         for file, relpath, row in task.files:
             try:
                 samples = file_samples(src / relpath, row, task.split, settings)
@@ -342,77 +340,39 @@ def write_unit(
 
 # The pool.
 
-_WORKER: dict[str, Any] = {}
 
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker when the parent dies, so a killed run leaves no writers behind."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: orphans finish their unit and exit
-        pass
-
-
-#: glibc malloc settings for writer processes (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). By default a
-#: freed 10 MB pixel buffer goes back to the kernel and the next file's buffers are page-faulted in afresh:
-#: 2,400 faults and ~5 ms of a 2500 x 2000 file's 10 ms read. Buffers up to 128 MB now come from the heap,
-#: which keeps up to 256 MB of free space for the next file (read_dicom: 3.6 ms instead of 9.6).
-MALLOC_MMAP_THRESHOLD = 128 * 2**20
-MALLOC_TRIM_THRESHOLD = 256 * 2**20
-
-
-def reuse_large_buffers() -> None:
-    """Let this process reuse freed pixel-sized buffers instead of returning them (see MALLOC_*); glibc only."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MALLOC_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, MALLOC_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its default behaviour, only slower
-        pass
-
-
-def _init_worker(settings: WriterSettings, updates: Any) -> None:
-    _die_with_parent()
-    reuse_large_buffers()
-    cv2.setNumThreads(1)  # parallelism comes from the processes
-    deid.quiet_header_echo()
-    _WORKER.update(settings=settings, updates=updates)
-
-
-def _run_unit(task: UnitTask) -> dict[str, Any]:
-    updates = _WORKER["updates"]
-    return write_unit(task, _WORKER["settings"], progress=updates.put)
+def _run_unit(task: UnitTask, settings: WriterSettings) -> dict[str, Any]:
+    return write_unit(task, settings, progress=pool.report)
 
 
 def write_units(
-    tasks: list[UnitTask], settings: WriterSettings, workers: int = 1, progress: bool = True
+    tasks: list[UnitTask],
+    settings: WriterSettings,
+    workers: int = 1,
+    progress: bool = True,
+    workers_pool: pool.WorkerPool | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Write units with `workers` processes (1: in this process); yields each unit's stats as it finishes."""
+    """Write units with `workers` processes (1: in this process); yields each unit's stats as it finishes.
+
+    `workers_pool` (shared with the index pass) is used when given; otherwise one is started here.
+    """
     from tqdm import tqdm
 
     total = sum(len(t.files) for t in tasks)
     bar = tqdm(total=total, unit="files", desc="shard", disable=not progress, smoothing=0.05)
     try:
         if workers <= 1 or len(tasks) <= 1:
-            reuse_large_buffers()
-            cv2.setNumThreads(1)
-            deid.quiet_header_echo()
+            pool.setup_process()
             for task in tasks:
                 yield write_unit(task, settings, progress=bar.update)
             return
-        context = multiprocessing.get_context("spawn")
-        updates = context.Queue()
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(workers, len(tasks)),
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(settings, updates),
-        ) as pool:
-            pending = {pool.submit(_run_unit, task) for task in tasks}
+        with contextlib.ExitStack() as stack:
+            if workers_pool is None:
+                workers_pool = stack.enter_context(pool.WorkerPool(workers))
+            pending = {workers_pool.executor.submit(_run_unit, task, settings) for task in tasks}
             while pending:
                 done, pending = concurrent.futures.wait(pending, timeout=0.25, return_when="FIRST_COMPLETED")
-                _drain(updates, bar)
+                workers_pool.drain(bar.update)
                 for future in done:
                     try:
                         yield future.result()
@@ -421,20 +381,9 @@ def write_units(
                             "a worker process died (out of memory, or a decoder crashed); finished units are "
                             "kept: run the same command again (with fewer --workers if memory is short)"
                         ) from None
-            _drain(updates, bar)
+            workers_pool.drain(bar.update)
     finally:
         bar.close()
-
-
-def _drain(updates: Any, bar: Any) -> None:
-    count = 0
-    while True:
-        try:
-            count += updates.get_nowait()
-        except queue.Empty:
-            break
-    if count:
-        bar.update(count)
 
 
 # The whole command: index -> plan -> write -> manifest.
@@ -479,43 +428,45 @@ def shard(
     pseudonymize = deid.Pseudonymizer(deid.load_key(key, out=out_path))
     deid.quiet_header_echo()
 
-    index = _current_index(
-        src_path, out_path, config, pseudonymize, private, workers, part, overwrite, reindex, progress
-    )
-    plan = make_plan(index, config, pseudonymize)
-    _check_plan(out_path, plan, overwrite)
-    source, paths = read_paths(private)
-    if source != src_path:
-        raise ShardError(
-            "the private path table belongs to another source folder; give the same SRC as when the index was "
-            "made, or rerun with --reindex"
+    # One pool of worker processes for both passes (started on first use; none for a single worker).
+    with pool.WorkerPool(workers) if workers > 1 else contextlib.nullcontext() as workers_pool:
+        index = _current_index(
+            src_path, out_path, config, pseudonymize, private, workers, part, overwrite, reindex, progress, workers_pool
         )
+        plan = make_plan(index, config, pseudonymize)
+        _check_plan(out_path, plan, overwrite)
+        source, paths = read_paths(private)
+        if source != src_path:
+            raise ShardError(
+                "the private path table belongs to another source folder; give the same SRC as when the index was "
+                "made, or rerun with --reindex"
+            )
 
-    units = select_part(plan.units, part)
-    clean_temp(out_path, None if part is None else [u.name for u in units])
-    todo = [u for u in units if not is_done(out_path, u.name, plan.fingerprint)]
-    rows = {row["file"]: row for row in index.rows}
-    tasks = [UnitTask(u.name, u.split, [(f, paths[f], rows[f]) for f in u.files]) for u in todo]
-    buckets = list(config.index.age_buckets)
-    settings = WriterSettings(
-        src=str(src_path),
-        out=str(out_path),
-        size=config.size,
-        fingerprint=plan.fingerprint,
-        age_buckets=buckets,
-        frame_rule=config.frames,
-        vocab=vocabulary(buckets),
-    )
-    if todo:
-        log.info(
-            "writing %d of %d units (%d files) with %d worker(s)",
-            len(todo),
-            len(units),
-            sum(len(t.files) for t in tasks),
-            workers,
+        units = select_part(plan.units, part)
+        clean_temp(out_path, None if part is None else [u.name for u in units])
+        todo = [u for u in units if not is_done(out_path, u.name, plan.fingerprint)]
+        rows = {row["file"]: row for row in index.rows}
+        tasks = [UnitTask(u.name, u.split, [(f, paths[f], rows[f]) for f in u.files]) for u in todo]
+        buckets = list(config.index.age_buckets)
+        settings = WriterSettings(
+            src=str(src_path),
+            out=str(out_path),
+            size=config.size,
+            fingerprint=plan.fingerprint,
+            age_buckets=buckets,
+            frame_rule=config.frames,
+            vocab=vocabulary(buckets),
         )
-    for _ in write_units(tasks, settings, workers=workers, progress=progress):
-        pass
+        if todo:
+            log.info(
+                "writing %d of %d units (%d files) with %d worker(s)",
+                len(todo),
+                len(units),
+                sum(len(t.files) for t in tasks),
+                workers,
+            )
+        for _ in write_units(tasks, settings, workers=workers, progress=progress, workers_pool=workers_pool):
+            pass
     complete = all(is_done(out_path, u.name, plan.fingerprint) for u in plan.units)
     manifest = write_manifest(out_path, plan, index, config) if complete else None
     return ShardSummary(
@@ -542,6 +493,7 @@ def _current_index(
     overwrite: bool,
     reindex: bool,
     progress: bool,
+    workers_pool: pool.WorkerPool | None = None,
 ) -> Index:
     from radpretrain.config import to_dict
 
@@ -571,7 +523,9 @@ def _current_index(
             "--part needs the index that all parts share: run `radpretrain index SRC OUT` once first "
             "(with the same options), then the parts"
         )
-    return build_index(src, out, pseudonymize, config.index, private_dir=private, workers=workers, progress=progress)
+    return build_index(
+        src, out, pseudonymize, config.index, private_dir=private, workers=workers, progress=progress, pool=workers_pool
+    )
 
 
 def _check_plan(out: Path, plan: Plan, overwrite: bool) -> None:
