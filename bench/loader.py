@@ -7,12 +7,14 @@ What is compared, on the same synthetic radiographs (`radpretrain.shards.synth.g
 batches of 32 samples with two strong 224 px views (`radpretrain.data.transforms`, the loop's policy) and
 the header labels through a DataLoader in this one process (one thread: torch, cv2 and BLAS limited to 1):
 - shards: `radpretrain.shards.reader.build_pipeline` over the archive sharded at 512 px (what the
-  pretraining loop reads);
+  pretraining loop reads), once with each pixel codec (`--codec png`, the default, and `--codec blosc2`);
 - per-file DICOM: a map-style Dataset whose `__getitem__` opens the file with pydicom, decodes it,
   applies the modality LUT (and MONOCHROME1 inversion) and makes the same two views from the full-size
   image (what a training script does without shards), once on uncompressed files and once on the
   compressed syntaxes archives often hold (RLE, JPEG-LS, JPEG 2000 lossless, deflate).
 "Per core" is samples per CPU-second of this process. Every file is read once before timing (page cache).
+Each contender runs REPEATS times, alternating, and its fastest run counts (all runs are printed): single
+runs on a shared machine differ by 10 %.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 from pagecache import prime  # bench/ sibling module (the script folder is on sys.path)
 
+CODECS = ("png", "blosc2")
+REPEATS = 2
 TARGET_PER_CORE = 150.0  # two-view samples per CPU-second from shards
 TARGET_RATIO = 20.0  # shards per core / per-file uncompressed DICOM per core
 COMPRESSED = ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "DeflatedExplicitVRLittleEndian"]
@@ -67,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="radpretrain-bench-loader-"))
     try:
         plain = synthesize(workdir / "plain", args.files, ["ExplicitVRLittleEndian"], seed=0)
-        shards = make_shards(plain, workdir)
-        runs = {"shards": time_shards(shards, args.shard_samples)}
-        runs["dicom"] = time_dicom(radiographs(plain), shards)
-        if args.compressed:
-            packed = synthesize(workdir / "compressed", args.compressed, COMPRESSED, seed=1)
-            runs["dicom_compressed"] = time_dicom(radiographs(packed), shards)
-        report(runs)
+        shards = {codec: make_shards(plain, workdir, codec) for codec in CODECS}
+        packed = synthesize(workdir / "compressed", args.compressed, COMPRESSED, seed=1) if args.compressed else None
+        contenders = {f"shards:{codec}": lambda c=codec: time_shards(shards[c], args.shard_samples) for codec in CODECS}
+        contenders["dicom"] = lambda: time_dicom(radiographs(plain), shards["png"])
+        if packed is not None:
+            contenders["dicom_compressed"] = lambda: time_dicom(radiographs(packed), shards["png"])
+        runs: dict[str, list[Run]] = {name: [] for name in contenders}
+        for _ in range(REPEATS):
+            for name, run in contenders.items():
+                runs[name].append(run())
+        report(runs, {codec: sample_bytes(path) for codec, path in shards.items()})
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -101,14 +109,23 @@ def radiographs(root: Path) -> list[Path]:
     return sorted(SynthSummary.load(root).radiographs)
 
 
-def make_shards(archive: Path, workdir: Path) -> Path:
+def make_shards(archive: Path, workdir: Path, codec: str) -> Path:
     from radpretrain.shards.plan import ShardConfig
     from radpretrain.shards.writer import shard
 
-    print("sharding at 512 px ...", flush=True)
-    config = ShardConfig(size=512, shard_size=25, val_fraction=0.0, test_fraction=0.0)
-    shard(archive, workdir / "shards", config, key=workdir / "deid.key", workers=len(os.sched_getaffinity(0)))
-    return workdir / "shards"
+    print(f"sharding at 512 px with codec {codec} ...", flush=True)
+    config = ShardConfig(size=512, shard_size=25, val_fraction=0.0, test_fraction=0.0, codec=codec)
+    out = workdir / f"shards-{codec}"
+    shard(archive, out, config, key=workdir / "deid.key", workers=len(os.sched_getaffinity(0)))
+    return out
+
+
+def sample_bytes(shards: Path) -> float:
+    """Mean tar bytes per sample (pixels, json and tar headers)."""
+    from radpretrain.shards.reader import read_manifest, shard_urls
+
+    samples = read_manifest(shards)["counts"]["samples"]
+    return sum(Path(url).stat().st_size for url in shard_urls(shards, "train")) / samples
 
 
 def sample_fn(shards: Path) -> Any:
@@ -189,33 +206,44 @@ def timed(batches: Iterable[Any], samples: int, name: str) -> Run:
     return Run(done, time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def report(runs: dict[str, Run]) -> None:
-    shards = runs["shards"]
+def fastest(runs: list[Run]) -> Run:
+    return max(runs, key=lambda run: run.per_core)
+
+
+def report(runs: dict[str, list[Run]], sizes: dict[str, float]) -> None:
     print()
     print(
-        f"Two-view {VIEW_SIZE} px samples (batches of {BATCH}, one thread, load average {os.getloadavg()[0]:.1f}); "
-        "2500x2000 12-bit radiographs, shards at 512 px:"
+        f"Two-view {VIEW_SIZE} px samples (batches of {BATCH}, one thread, load average {os.getloadavg()[0]:.1f}, "
+        f"fastest of {REPEATS} runs); 2500x2000 12-bit radiographs, shards at 512 px:"
     )
+    for name, each in runs.items():
+        print(f"  {name}: " + ", ".join(f"{run.per_core:.1f}" for run in each) + " samples/s per core")
+    dicom = fastest(runs["dicom"])
+    packed = fastest(runs["dicom_compressed"]) if "dicom_compressed" in runs else None
     print()
-    print("| loader | samples | samples/s per core | samples/s (wall) | shards faster by | target | met |")
-    print("|---|---|---|---|---|---|---|")
-    ok = "yes" if shards.per_core >= TARGET_PER_CORE else "no"
     print(
-        f"| shards (radpretrain reader) | {shards.samples} | {shards.per_core:.1f} | "
-        f"{shards.samples / shards.wall:.1f} | - | >= {TARGET_PER_CORE:.0f}/s per core | {ok} |"
+        "| loader | samples | ms per sample (CPU) | samples/s per core | samples/s (wall) | KB per sample | "
+        f"vs per-file DICOM, uncompressed (>= {TARGET_RATIO:.0f}x) | vs per-file DICOM, compressed | "
+        f">= {TARGET_PER_CORE:.0f}/s per core |"
     )
-    for key, label in (("dicom", "per-file DICOM, uncompressed"), ("dicom_compressed", "per-file DICOM, compressed")):
-        if key not in runs:
-            continue
-        run = runs[key]
-        ratio = shards.per_core / run.per_core
-        target, met = ("-", "-")
-        if key == "dicom":
-            target, met = f">= {TARGET_RATIO:.0f}x", "yes" if ratio >= TARGET_RATIO else "no"
+    print("|---|---|---|---|---|---|---|---|---|")
+    for codec in CODECS:
+        run = fastest(runs[f"shards:{codec}"])
+        ratio = run.per_core / dicom.per_core
+        versus_packed = f"{run.per_core / packed.per_core:.1f}x" if packed else "-"
         print(
-            f"| {label} | {run.samples} | {run.per_core:.1f} | {run.samples / run.wall:.1f} | {ratio:.1f}x | "
-            f"{target} | {met} |"
+            f"| shards, {codec} | {run.samples} | {1000 / run.per_core:.2f} | {run.per_core:.1f} | "
+            f"{run.samples / run.wall:.1f} | {sizes[codec] / 1024:.0f} | {ratio:.1f}x "
+            f"({'met' if ratio >= TARGET_RATIO else 'not met'}) | {versus_packed} | "
+            f"{'met' if run.per_core >= TARGET_PER_CORE else 'not met'} |"
         )
+    for name, label in (("dicom", "per-file DICOM, uncompressed"), ("dicom_compressed", "per-file DICOM, compressed")):
+        if name in runs:
+            run = fastest(runs[name])
+            print(
+                f"| {label} | {run.samples} | {1000 / run.per_core:.2f} | {run.per_core:.1f} | "
+                f"{run.samples / run.wall:.1f} | - | - | - | - |"
+            )
 
 
 if __name__ == "__main__":

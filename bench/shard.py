@@ -277,8 +277,9 @@ FLOOR_STAGES: dict[str, float] = {"read_dicom": 0.0, "resize_longest": 0.0, "sto
 
 def floor_one(path: Path, size: int) -> None:
     """Decode + resize + 16-bit PNG with the library's own pieces and nothing else."""
+    from radpretrain.shards.codecs import encode_png
     from radpretrain.shards.dicom import read_dicom, resize_longest
-    from radpretrain.shards.writer import encode_png, stored_pixels
+    from radpretrain.shards.writer import stored_pixels
 
     started = time.perf_counter()
     _, frames = read_dicom(path)

@@ -146,12 +146,16 @@ def jitter_window(center: float, width: float, cfg: AugmentConfig, rng: np.rando
 
 
 class RadiographAugment:
-    """One policy as a callable: (uint16 HxW pixels, stored window) -> float32 (1, S, S) encoder input.
+    """One policy as a callable: (float32 HxW stored values, stored window) -> float32 (1, S, S) encoder input.
 
-    The crop runs on the 16-bit image before any float work (the stored image is ~5x the output area),
-    then the jittered window maps to [0, 1], then albumentations' pixel operations, then
-    `intensity.normalize`. All randomness comes from the `rng`/`py_random` pair given to `set_random_state`,
-    so a seeded pair gives the same views.
+    Order: albumentations' crop (or letterbox) of the stored image -> the jittered window to [0, 1] and
+    gamma -> a small affine -> Gaussian blur -> Gaussian noise -> CLAHE / flip (albumentations) -> clip ->
+    `intensity.normalize`. The window, gamma, affine, blur and noise are single OpenCV calls on the view
+    rather than albumentations transforms: albumentations spends 0.1-0.15 ms per applied transform on its
+    own bookkeeping (measured on 224 px views: Affine 0.25 ms vs warpAffine 0.10, GaussNoise 0.26 vs
+    cv2.randn 0.13, RandomGamma's numpy power 0.30 vs cv2.pow 0.06), which is most of a view's cost.
+    All randomness comes from the `rng`/`py_random` pair given to `set_random_state`, so a seeded pair
+    gives the same views.
     """
 
     def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
@@ -175,29 +179,12 @@ class RadiographAugment:
                 )
             ]
         self.geometry = A.Compose(geometry)
-        pixel_ops: list[A.BasicTransform] = []
-        if cfg.affine_p > 0:
-            pixel_ops.append(
-                A.Affine(
-                    rotate=(-cfg.rotate_degrees, cfg.rotate_degrees),
-                    translate_percent=(-cfg.translate, cfg.translate),
-                    scale=cfg.scale,
-                    border_mode=cv2.BORDER_CONSTANT,
-                    fill=0,
-                    p=cfg.affine_p,
-                )
-            )
-        if cfg.gamma_p > 0:
-            pixel_ops.append(A.RandomGamma(gamma_limit=(cfg.gamma[0] * 100, cfg.gamma[1] * 100), p=cfg.gamma_p))
-        if cfg.blur_p > 0:
-            pixel_ops.append(A.GaussianBlur(blur_limit=0, sigma_limit=cfg.blur_sigma, p=cfg.blur_p))
-        if cfg.noise_p > 0:
-            pixel_ops.append(A.GaussNoise(std_range=cfg.noise_std, p=cfg.noise_p))
+        finish: list[A.BasicTransform] = []
         if cfg.clahe_p > 0:
-            pixel_ops.append(A.CLAHE(clip_limit=(1.0, cfg.clahe_clip), p=cfg.clahe_p))
+            finish.append(A.CLAHE(clip_limit=(1.0, cfg.clahe_clip), p=cfg.clahe_p))
         if cfg.hflip_p > 0:
-            pixel_ops.append(A.HorizontalFlip(p=cfg.hflip_p))
-        self.pixel_ops = A.Compose(pixel_ops) if pixel_ops else None
+            finish.append(A.HorizontalFlip(p=cfg.hflip_p))
+        self.finish = A.Compose(finish) if finish else None
         self.set_random_state(np.random.default_rng(0), random.Random(0))
 
     def set_random_state(self, rng: np.random.Generator, py_random: random.Random) -> None:
@@ -205,19 +192,51 @@ class RadiographAugment:
         # which would make their random draws move together.
         self.rng = rng
         self.geometry.set_random_state(rng, py_random)
-        if self.pixel_ops is not None:
-            self.pixel_ops.set_random_state(rng, py_random)
+        if self.finish is not None:
+            self.finish.set_random_state(rng, py_random)
 
     def __call__(self, pixels: np.ndarray, window: tuple[float, float]) -> np.ndarray:
         if pixels.ndim != 2:
             raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
-        crop = self.geometry(image=pixels)["image"]
-        center, width = jitter_window(window[0], window[1], self.cfg, self.rng)
-        image = intensity.apply_window(crop, center, width)
-        if self.pixel_ops is not None:
-            image = self.pixel_ops(image=image)["image"]
-            np.clip(image, 0.0, 1.0, out=image)  # noise may overshoot; the convention is [0, 1]
+        image = self.geometry(image=pixels)["image"]
+        image = self.window(np.asarray(image, dtype=np.float32), window)
+        cfg, rng = self.cfg, self.rng
+        if cfg.affine_p > 0 and rng.random() < cfg.affine_p:
+            image = cv2.warpAffine(
+                image, self.affine_matrix(), image.shape[::-1], flags=cv2.INTER_LINEAR, borderValue=0.0
+            )
+        if cfg.blur_p > 0 and rng.random() < cfg.blur_p:
+            sigma = rng.uniform(*cfg.blur_sigma)
+            if sigma > 0:
+                image = cv2.GaussianBlur(image, (0, 0), sigma)
+        if cfg.noise_p > 0 and rng.random() < cfg.noise_p:
+            noise = np.empty_like(image)
+            cv2.setRNGSeed(int(rng.integers(2**31)))  # OpenCV's generator, seeded from ours: 4x numpy's speed
+            cv2.randn(noise, np.zeros(1), np.full(1, rng.uniform(*cfg.noise_std)))
+            image += noise
+        np.clip(image, 0.0, 1.0, out=image)  # noise and gamma of a clipped window stay in the convention
+        if self.finish is not None:
+            image = self.finish(image=image)["image"]
         return intensity.normalize(image)[None]
+
+    def window(self, image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+        """The jittered window (to [0, 1]) and, with probability gamma_p, a random gamma: a new float32 array."""
+        center, width = jitter_window(window[0], window[1], self.cfg, self.rng)
+        width = max(width, 1.0)
+        out = (image - np.float32(center - width / 2.0)) * np.float32(1.0 / width)
+        np.clip(out, 0.0, 1.0, out=out)
+        if self.cfg.gamma_p > 0 and self.rng.random() < self.cfg.gamma_p:
+            cv2.pow(out, self.rng.uniform(*self.cfg.gamma), out)
+        return out
+
+    def affine_matrix(self) -> np.ndarray:
+        """A 2x3 map: rotation and scale about the centre, then a shift (a fraction of the size)."""
+        cfg, rng, size = self.cfg, self.rng, self.image_size
+        angle = rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)
+        centre = ((size - 1) / 2.0, (size - 1) / 2.0)
+        matrix = np.asarray(cv2.getRotationMatrix2D(centre, angle, rng.uniform(*cfg.scale)), dtype=np.float64)
+        matrix[:, 2] += rng.uniform(-cfg.translate, cfg.translate, size=2) * size
+        return matrix
 
 
 class ViewMaker:
@@ -255,7 +274,8 @@ class ViewMaker:
 
     def __call__(self, pixels: np.ndarray, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
         window = stored_window(pixels, meta)
-        return {name: (self.strong if name in STRONG_VIEWS else self.light)(pixels, window) for name in self.view_names}
+        values = np.asarray(pixels, dtype=np.float32)  # once per sample: OpenCV's area resize is 2x faster on floats
+        return {name: (self.strong if name in STRONG_VIEWS else self.light)(values, window) for name in self.view_names}
 
 
 def make_views(

@@ -284,6 +284,13 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         help="multi-frame files: every frame a sample (all, default) or one frame per file",
     )
     parser.add_argument(
+        "--codec",
+        choices=("png", "blosc2"),
+        default="png",
+        help="how pixels are stored: 16-bit PNG (png, default: any image tool opens it) or a Blosc2 array "
+        "(blosc2: ~10x faster to decode, the same size on noisy images, larger on smooth ones)",
+    )
+    parser.add_argument(
         "--part",
         default=None,
         metavar="i/N",
@@ -310,6 +317,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             "test_fraction": args.test,
             "seed": args.seed,
             "frames": args.frames,
+            "codec": args.codec,
             "index": to_dict(_index_options(args)),
         },
     )

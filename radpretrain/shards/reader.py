@@ -12,16 +12,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from radpretrain import intensity
 from radpretrain.errors import ShardError
+from radpretrain.shards import codecs
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
-#: Why a record without a png and a json member is dropped.
+#: Why a record without an image (png or b2nd) and a json member is dropped.
 FOREIGN = "not a radpretrain sample"
 
 
@@ -71,19 +70,9 @@ def shard_urls(root: str | Path, split: str = "train") -> list[str]:
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """A raw webdataset sample -> {"key", "pixels" (uint16 HxW), "meta"}; ValueError on a broken one."""
-    import cv2
-
-    if "png" not in sample or "json" not in sample:
-        raise ValueError("sample lacks a png or json member")
-    data = np.frombuffer(sample["png"], dtype=np.uint8)
-    pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if pixels is None or pixels.ndim != 2:
-        raise ValueError("png member is not a grayscale image")
-    return {
-        "key": sample["__key__"],
-        "pixels": pixels.astype(np.uint16, copy=False),
-        "meta": json.loads(sample["json"]),
-    }
+    if "json" not in sample:
+        raise ValueError("sample lacks a json member")
+    return {"key": sample["__key__"], "pixels": codecs.decode_member(sample), "meta": json.loads(sample["json"])}
 
 
 def window_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +132,7 @@ class ReadState:
     def count(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Count well-formed records; drop (and record) the members of a foreign tar here, before any buffer."""
         for sample in src:
-            if "png" in sample and "json" in sample:
+            if "json" in sample and any(ext in sample for ext in codecs.IMAGE_EXTS):
                 self.good += 1
                 yield sample
             else:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from radpretrain import __version__, intensity
 from radpretrain.errors import DicomError, ShardError
 from radpretrain.shards import deid, labels, pool
+from radpretrain.shards.codecs import CODECS, IMAGE_EXTS
 from radpretrain.shards.index import Index, build_index, check_source, default_private_dir, read_index
 from radpretrain.shards.index import read_private_paths as read_paths
 from radpretrain.shards.plan import (
@@ -47,18 +47,9 @@ ERRORS = "errors.jsonl"
 TMP_MARK = ".tmp-"
 #: Frames a multi-frame file gives: "all" (every frame a sample), "first" or "middle".
 FRAME_RULE = "all"
-#: 16-bit PNG settings: zlib level 1, run-length strategy, the "up" filter on every row. Measured on 512 px
-#: images (30 synthetic 12-bit radiographs / pydicom-data RG1 and RG3), one core, against level 1 with
-#: libpng's adaptive filters: encode 5.3 / 5.4 ms instead of 13.1 / 11.6, decode 2.4 / 2.6 ms instead of
-#: 3.7 / 3.4, and 2-4 % fewer bytes (9.15 / 7.36 bits per pixel instead of 9.31 / 7.68). Level 6 with
-#: adaptive filters is 4.5x slower to encode than level 1 for ~10 % fewer bytes.
-PNG_PARAMS = (
-    (cv2.IMWRITE_PNG_COMPRESSION, 1),
-    (cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE),
-    (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP),
-)
 STORAGE = (
-    "png: 16-bit grayscale, modality-LUT output after MONOCHROME1 inversion (higher = more attenuation) "
+    "pixels (a 'png' or 'b2nd' member, manifest 'codec'): 16-bit grayscale, modality-LUT output after "
+    "MONOCHROME1 inversion (higher = more attenuation) "
     "minus json 'offset', resized with area interpolation (cv2 INTER_AREA, in two steps for factors of 4 or more) "
     "so the longest side is at most 'size'; window_center, "
     "window_width, intensity_low and intensity_high are in stored units; windowing happens when reading."
@@ -122,6 +113,7 @@ class WriterSettings:
     age_buckets: list[str]
     frame_rule: str = FRAME_RULE
     vocab: dict[str, list[str]] = field(default_factory=dict)
+    codec: str = "png"
 
 
 def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -130,13 +122,6 @@ def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
     offset = 0 if low >= 0 and high <= 65535 else int(np.floor(low))
     shifted = np.rint(image.astype(np.float64) - offset) if image.dtype.kind == "f" else image.astype(np.int64) - offset
     return np.clip(shifted, 0, 65535).astype(np.uint16), offset
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", image, [value for pair in PNG_PARAMS for value in pair])
-    if not ok:
-        raise ShardError("PNG encoding failed")
-    return bytes(data.tobytes())
 
 
 def robust_range(stored: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
@@ -249,7 +234,7 @@ def file_samples(path: Path, row: dict[str, Any], split: str, settings: WriterSe
         samples.append(
             {
                 "__key__": frame_key(row["sop"], number, count),
-                "png": encode_png(stored),
+                CODECS[settings.codec].ext: CODECS[settings.codec].encode(stored),
                 "json": json.dumps(meta, separators=(",", ":")).encode(),
             }
         )
@@ -260,9 +245,10 @@ def file_samples(path: Path, row: dict[str, Any], split: str, settings: WriterSe
 
 
 def add_sample(sink: tarfile.TarFile, sample: dict[str, Any]) -> None:
-    """Append `<key>.png` and `<key>.json` as webdataset expects (plain tarfile: webdataset's writer would
-    import torch in every worker, 3-4 s each). Fixed mtime and owner keep reruns byte-identical."""
-    for ext in ("json", "png"):
+    """Append `<key>.json` and the pixels (`<key>.png` or `.b2nd`) as webdataset expects (plain tarfile:
+    webdataset's writer would import torch in every worker, 3-4 s each). Fixed mtime and owner keep reruns
+    byte-identical."""
+    for ext in ("json", *(ext for ext in IMAGE_EXTS if ext in sample)):
         data = sample[ext]
         info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
         info.size = len(data)
@@ -456,6 +442,7 @@ def shard(
             age_buckets=buckets,
             frame_rule=config.frames,
             vocab=vocabulary(buckets),
+            codec=config.codec,
         )
         if todo:
             log.info(
@@ -628,6 +615,7 @@ def write_manifest(out: Path, plan: Plan, index: Index, config: ShardConfig) -> 
         "created_by": f"radpretrain {__version__}",
         "intensity_convention": intensity.CONVENTION,
         "storage": STORAGE,
+        "codec": config.codec,
         "size": config.size,
         "frame_rule": config.frames,
         "plan": plan.fingerprint,

@@ -148,7 +148,7 @@ def test_shards_are_plain_webdataset_tars(sharded: dict[str, Any]) -> None:
             with tarfile.open(out / name) as tar:
                 names = tar.getnames()
             assert len(names) % 2 == 0
-            assert {n.rsplit(".", 1)[1] for n in names} == {"png", "json"}
+            assert {n.rsplit(".", 1)[1] for n in names} == {"png", "json"}  # the default codec
             stats = json.loads((out / name.replace(".tar", ".stats.json")).read_text())
             assert stats["samples"] == len(names) // 2
     assert not list(out.glob(".*tmp*"))
