@@ -198,8 +198,10 @@ class RadiographAugment:
     def __call__(self, pixels: np.ndarray, window: tuple[float, float]) -> np.ndarray:
         if pixels.ndim != 2:
             raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
-        image = self.geometry(image=pixels)["image"]
-        image = self.window(np.asarray(image, dtype=np.float32), window)
+        image: np.ndarray = np.asarray(self.geometry(image=pixels)["image"], dtype=np.float32)
+        if np.shares_memory(image, pixels):  # a letterbox of an image already at size: the sample's own array
+            image = image.copy()
+        image = self.window(image, window)
         cfg, rng = self.cfg, self.rng
         if cfg.affine_p > 0 and rng.random() < cfg.affine_p:
             image = cv2.warpAffine(
@@ -216,18 +218,19 @@ class RadiographAugment:
             image += noise
         np.clip(image, 0.0, 1.0, out=image)  # noise and gamma of a clipped window stay in the convention
         if self.finish is not None:
-            image = self.finish(image=image)["image"]
-        return intensity.normalize(image)[None]
+            image = np.asarray(self.finish(image=image)["image"], dtype=np.float32)
+        return intensity.normalize_(image)[None]
 
     def window(self, image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-        """The jittered window (to [0, 1]) and, with probability gamma_p, a random gamma: a new float32 array."""
+        """The jittered window (to [0, 1]) and, with probability gamma_p, a random gamma, in place."""
         center, width = jitter_window(window[0], window[1], self.cfg, self.rng)
         width = max(width, 1.0)
-        out = (image - np.float32(center - width / 2.0)) * np.float32(1.0 / width)
-        np.clip(out, 0.0, 1.0, out=out)
+        image -= np.float32(center - width / 2.0)
+        image *= np.float32(1.0 / width)
+        np.clip(image, 0.0, 1.0, out=image)
         if self.cfg.gamma_p > 0 and self.rng.random() < self.cfg.gamma_p:
-            cv2.pow(out, self.rng.uniform(*self.cfg.gamma), out)
-        return out
+            cv2.pow(image, self.rng.uniform(*self.cfg.gamma), image)
+        return image
 
     def affine_matrix(self) -> np.ndarray:
         """A 2x3 map: rotation and scale about the centre, then a shift (a fraction of the size)."""

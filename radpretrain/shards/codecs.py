@@ -71,7 +71,11 @@ def decode_blosc2(data: bytes) -> np.ndarray:
 
     try:
         array = blosc2.ndarray_from_cframe(data)
-        pixels = np.asarray(array[()])
+        if array.chunks == array.shape and array.blocks == array.shape:  # as written here: one block, C order
+            pixels = np.empty(array.shape, dtype=array.dtype)
+            array.schunk.decompress_chunk(0, pixels)
+        else:
+            pixels = np.asarray(array[()])
     except Exception as exc:  # blosc2 raises RuntimeError / ValueError / its own types on corrupt frames
         raise ValueError(f"b2nd member is not a Blosc2 array ({type(exc).__name__})") from None
     if pixels.ndim != 2 or pixels.dtype.kind not in "ui":
