@@ -23,6 +23,7 @@ def composition_report(root: str | Path) -> str:
     counts = manifest["counts"]
     lines = [
         f"shards in {root}: schema {manifest['schema_version']}, size {manifest['size']}, "
+        f"pixels {manifest.get('codec', 'png')}, "
         f"intensity convention {manifest['intensity_convention']}",
         f"files seen {counts['files_seen']}: written {counts['written']}, duplicate {counts['duplicate']}, "
         f"skipped {sum(counts['skipped'].values())}, failed {sum(counts['failed'].values())}; "

@@ -70,3 +70,9 @@ def test_blosc2_shards_read_back_the_pixels_of_png_shards(tmp_path: Path) -> Non
     for key, sample in out["png"].items():
         assert np.array_equal(sample["pixels"], out["blosc2"][key]["pixels"])
         assert sample["meta"] == out["blosc2"][key]["meta"]
+    # Forked loader workers decode after the parent has (Blosc2 keeps C state): every sample arrives once.
+    from torch.utils.data import DataLoader
+
+    pipeline = reader.build_pipeline(reader.shard_urls(tmp_path / "blosc2", "train"), shuffle=0)
+    keys = [sample["key"] for sample in DataLoader(pipeline, batch_size=None, num_workers=2, timeout=60)]
+    assert sorted(keys) == sorted(out["blosc2"])
