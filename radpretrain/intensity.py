@@ -12,20 +12,25 @@ STD = 0.25
 
 
 def apply_window(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Linear window (DICOM PS3.3 C.11.2.1.2 without the half-pixel detail) to float32 in [0, 1]."""
+    """Linear window (DICOM PS3.3 C.11.2.1.2 without the half-pixel detail) to a new float32 array in [0, 1]."""
+    return apply_window_(pixels.astype(np.float32), center, width)
+
+
+def apply_window_(image: np.ndarray, center: float, width: float) -> np.ndarray:
+    """`apply_window` in place on a float32 array (the loader's views: no temporaries)."""
     width = max(float(width), 1.0)
-    low = float(center) - width / 2.0
-    out = (pixels.astype(np.float32) - np.float32(low)) / np.float32(width)
-    return np.clip(out, 0.0, 1.0, out=out)
+    image -= np.float32(float(center) - width / 2.0)
+    image *= np.float32(1.0 / width)
+    return np.clip(image, 0.0, 1.0, out=image)
 
 
 def normalize(image01: np.ndarray) -> np.ndarray:
-    """Map a [0, 1] image to the encoder's input scale."""
-    return ((image01 - MEAN) / STD).astype(np.float32, copy=False)
+    """Map a [0, 1] image to the encoder's input scale (a new float32 array)."""
+    return normalize_(np.array(image01, dtype=np.float32))
 
 
 def normalize_(image01: np.ndarray) -> np.ndarray:
-    """`normalize` in place on a float32 array (the loader's views: no temporaries)."""
+    """`normalize` in place on a float32 array."""
     image01 -= np.float32(MEAN)
     image01 *= np.float32(1.0 / STD)
     return image01
