@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import re
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -213,6 +214,47 @@ class _Shuffle:
         yield from _shuffle(src, self.bufsize, min(self.bufsize, 100), rng)
 
 
+def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in an opened tar, by random access when the stream can seek.
+
+    webdataset reads tars as streams ("r|*"): tarfile then copies every 8 KB read of a member through
+    its record buffer, 0.30 ms for a 230 KB member against 0.045 ms by random access ("r:*") on the
+    same local file (measured on blosc2 shards, one core). Pipes and sockets still stream.
+    """
+    seekable = getattr(stream, "seekable", None)  # webdataset's pipe: streams have none
+    with tarfile.open(fileobj=stream, mode="r:*" if seekable and seekable() else "r|*") as tar:
+        for info in tar:
+            member = tar.extractfile(info) if info.isreg() else None
+            if member is not None:
+                yield info.name, member.read()
+
+
+def tar_files(sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """webdataset's tar_file_expander with `tar_members`: opened shards -> {"fname", "data", "__url__"}, then {}.
+
+    The empty dict after each shard tells `group_by_keys` that a shard ended. A shard that fails part-way
+    is handed to `handler` (with its url appended to the error) and the next shard follows.
+    """
+    for source in sources:
+        try:
+            for name, data in tar_members(source["stream"]):
+                yield {"fname": name, "data": data, "__url__": source["url"]}
+        except Exception as exc:
+            exc.args = (*exc.args, source["url"])
+            if not handler(exc):
+                break
+        finally:
+            source["stream"].close()
+        yield {}
+
+
+def tar_samples(src: Iterable[dict[str, str]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Shard urls -> webdataset samples ({"__key__", "__url__", ext: bytes}), as `wds.tarfile_samples`."""
+    from webdataset.tariterators import group_by_keys, url_opener
+
+    return group_by_keys(tar_files(url_opener(src, handler=handler), handler), handler=handler)
+
+
 def build_pipeline(
     urls: Sequence[str],
     *,
@@ -239,7 +281,7 @@ def build_pipeline(
     state = ReadState()
     stages: list[Any] = [
         ShardSource(urls, state, seed=seed, resampled=resampled, repeat=epoch_len is not None),
-        wds.tarfile_to_samples(handler=state.errors),
+        wds.pipelinefilter(tar_samples)(handler=state.errors),
         state.count,
     ]
     if shuffle > 1:

@@ -136,3 +136,13 @@ def test_decode_rejects_broken_members() -> None:
         reader.decode_sample({"__key__": "k", "json": b"{}"})
     with pytest.raises(ValueError):
         reader.decode_sample({"__key__": "k", "json": b"{}", "png": b"not a png"})
+
+
+def test_a_shard_streamed_through_a_pipe_reads_like_the_local_file(shards: Path) -> None:
+    """Local tars are read by random access; a url that cannot seek (pipe:) streams and gives the same samples."""
+    urls = reader.shard_urls(shards, "train")
+    local = list(reader.build_pipeline(urls, shuffle=0))
+    piped = list(reader.build_pipeline([f"pipe:cat '{url}'" for url in urls], shuffle=0))
+    assert [s["key"] for s in piped] == [s["key"] for s in local] and len(local) == N
+    for a, b in zip(local, piped, strict=True):
+        assert np.array_equal(a["pixels"], b["pixels"]) and a["meta"] == b["meta"]
