@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,13 +13,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from radpretrain import intensity
 from radpretrain.data.transforms import (
+    LINEAR_MAX_SHRINK,
     MISSING,
     AugmentConfig,
+    RadiographCrop,
     ViewsConfig,
     build_sample_fn,
     encode_labels,
     jitter_window,
     make_views,
+    resize_view,
     stored_window,
 )
 from radpretrain.errors import ConfigError
@@ -195,3 +199,40 @@ def test_bad_configs_are_refused_with_a_fix() -> None:
         make_views(radiograph(), ["veiw0"], ViewsConfig())
     with pytest.raises(ConfigError, match=r"augment\.strong\.crop_scael"):
         build_sample_fn(("view0",), {"strong": {"crop_scael": [0.5, 1.0]}}, VOCAB, 32)
+
+
+@pytest.mark.parametrize(
+    ("shape", "flag"),
+    [
+        ((400, 400), cv2.INTER_LINEAR),
+        ((440, 300), cv2.INTER_LINEAR),
+        ((500, 400), cv2.INTER_AREA),
+        ((460, 200), cv2.INTER_AREA),
+    ],
+)
+def test_crops_shrunk_at_most_2x_are_resized_bilinearly_larger_shrinks_by_area(
+    shape: tuple[int, int], flag: int
+) -> None:
+    image = np.random.default_rng(0).normal(1000.0, 200.0, shape).astype(np.float32)
+    other = cv2.INTER_AREA if flag == cv2.INTER_LINEAR else cv2.INTER_LINEAR
+    assert (max(shape) / 224 <= LINEAR_MAX_SHRINK) == (flag == cv2.INTER_LINEAR)
+    out = resize_view(image, (224, 224))
+    assert out.shape == (224, 224) and out.dtype == np.float32
+    assert np.array_equal(out, cv2.resize(image, (224, 224), interpolation=flag))
+    assert not np.array_equal(out, cv2.resize(image, (224, 224), interpolation=other))
+
+
+def test_the_random_crop_resizes_the_region_it_drew() -> None:
+    image = np.random.default_rng(1).normal(1000.0, 200.0, (400, 300)).astype(np.float32)
+    whole = RadiographCrop(size=(100, 75), scale=(1.0, 1.0), ratio=(0.75, 0.75), p=1.0)
+    assert np.array_equal(whole(image=image)["image"], cv2.resize(image, (75, 100), interpolation=cv2.INTER_AREA))
+    half = RadiographCrop(size=(100, 100), scale=(0.25, 0.25), ratio=(1.0, 1.0), p=1.0)
+    out = half(image=image)["image"]
+    assert out.shape == (100, 100)
+    matches = [
+        (y, x)
+        for y in range(0, 401 - 173)
+        for x in range(0, 301 - 173)
+        if np.array_equal(out, cv2.resize(image[y : y + 173, x : x + 173], (100, 100), interpolation=cv2.INTER_LINEAR))
+    ]
+    assert len(matches) == 1
