@@ -1,13 +1,13 @@
 """How a shard sample's 16-bit pixels are stored: one registered codec per tar member extension.
 
 - "png": 16-bit grayscale PNG. Any image tool opens it; the smallest on smooth images.
-- "blosc2": a Blosc2 NDArray frame (B2ND, LZ4 over bit-shuffled pixels), which python-blosc2 and C-Blosc2
-  read. About 10x faster to decode than PNG, 5x faster to encode; the same size as PNG on noisy
+- "blosc2": a Blosc2 NDArray frame (B2ND, LZ4HC over byte-shuffled pixels), which python-blosc2 and
+  C-Blosc2 read. About 15x faster to decode than PNG, 3-7x faster to encode; the same size as PNG on noisy
   radiographs, about half again as large on smooth ones (numbers below).
 
 Measured on 512 px images, one core (`make` venv; synthetic 12-bit radiographs / pydicom-data RG1 and RG3,
 bits per pixel and ms per image): png 8.9 / 12.1 / 3.0 bpp, encode 5.4 / 6.7 / 4.1, decode 2.4 / 2.9 / 2.2;
-blosc2 9.0 / 12.8 / 4.6 bpp, encode 1.3 / 1.3 / 1.4, decode 0.23 / 0.25 / 0.27. Decoding is most of what
+blosc2 9.1 / 12.5 / 4.8 bpp, encode 0.8 / 1.8 / 1.9, decode 0.14 / 0.21 / 0.12. Decoding is most of what
 the loader spends on a sample besides the views, so "blosc2" is for CPU-bound training; "png" for disk.
 """
 
@@ -31,10 +31,12 @@ PNG_PARAMS = (
     (cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE),
     (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP),
 )
-#: LZ4 at level 9 over bit-shuffled 16-bit pixels, one block, one thread (the loader's workers are the
-#: parallelism). Against zstd level 1 with byte shuffle: 0.25 ms instead of 0.45-0.56 to decode for
-#: 1-10 % more bytes on noisy images.
-BLOSC2_CODEC, BLOSC2_LEVEL, BLOSC2_FILTER = "LZ4", 9, "BITSHUFFLE"
+#: LZ4HC at level 1 over byte-shuffled 16-bit pixels, one block, one thread (the loader's workers are the
+#: parallelism). Frames name their codec and filter, so shards written with other settings still read.
+#: Measured as above: LZ4 level 9 over bit-shuffled pixels decodes in 0.23 / 0.23 / 0.25 ms (the bit
+#: unshuffle is most of it) for -3 / +2 / -6 % bytes; LZ4HC level 3 and up encodes in 4-30 ms; zstd level 1
+#: with byte shuffle decodes in 0.38 / 0.41 / 0.14 ms.
+BLOSC2_CODEC, BLOSC2_LEVEL, BLOSC2_FILTER = "LZ4HC", 1, "SHUFFLE"
 
 
 def encode_png(image: np.ndarray) -> bytes:

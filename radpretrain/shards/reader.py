@@ -218,15 +218,26 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file in an opened tar, by random access when the stream can seek.
 
     webdataset reads tars as streams ("r|*"): tarfile then copies every 8 KB read of a member through
-    its record buffer, 0.30 ms for a 230 KB member against 0.045 ms by random access ("r:*") on the
-    same local file (measured on blosc2 shards, one core). Pipes and sockets still stream.
+    its record buffer, 0.30 ms for a 230 KB member against 0.04 ms by random access (tarfile parses the
+    headers, each member is one read) on the same local file (measured on blosc2 shards, one core).
+    Pipes and sockets still stream.
     """
     seekable = getattr(stream, "seekable", None)  # webdataset's pipe: streams have none
-    with tarfile.open(fileobj=stream, mode="r:*" if seekable and seekable() else "r|*") as tar:
+    if not (seekable and seekable()):
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                member = tar.extractfile(info) if info.isreg() else None
+                if member is not None:
+                    yield info.name, member.read()
+        return
+    with tarfile.open(fileobj=stream, mode="r:") as tar:
         for info in tar:
-            member = tar.extractfile(info) if info.isreg() else None
-            if member is not None:
-                yield info.name, member.read()
+            if info.isreg() and not info.sparse:
+                stream.seek(info.offset_data)
+                data = stream.read(info.size)
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+                yield info.name, data
 
 
 def tar_files(sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
