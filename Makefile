@@ -30,6 +30,7 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(PY) bench/shard.py
 	$(PY) bench/loader.py
+	$(PY) bench/crop_resize.py
 	$(PY) bench/step.py
 
 clean:

@@ -28,7 +28,7 @@ SHRINKS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 STORED = 768
 VIEW = 224
 CROPS = 6  # random crops per image and shrink factor
-REAL = ("RG1_UNCR.dcm", "RG3_UNCR.dcm")  # pydicom-data: computed radiographs, 1955x1841 and 1760x2140
+REAL = ("RG1_UNCR.dcm", "RG3_UNCR.dcm")  # pydicom-data: computed radiographs (real patients, public)
 
 
 def main(argv: list[str] | None = None) -> int:
