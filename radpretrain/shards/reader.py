@@ -230,11 +230,11 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
                 if member is not None:
                     yield info.name, member.read()
         return
-    with tarfile.open(fileobj=stream, mode="r:") as tar:
+    with tarfile.open(fileobj=stream, mode="r:*") as tar:  # tar.fileobj: the file, or its gzip/bz2/xz reader
         for info in tar:
             if info.isreg() and not info.sparse:
-                stream.seek(info.offset_data)
-                data = stream.read(info.size)
+                tar.fileobj.seek(info.offset_data)
+                data = tar.fileobj.read(info.size)
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"unexpected end of data in {info.name}")
                 yield info.name, data

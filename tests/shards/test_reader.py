@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -138,11 +139,17 @@ def test_decode_rejects_broken_members() -> None:
         reader.decode_sample({"__key__": "k", "json": b"{}", "png": b"not a png"})
 
 
-def test_a_shard_streamed_through_a_pipe_reads_like_the_local_file(shards: Path) -> None:
-    """Local tars are read by random access; a url that cannot seek (pipe:) streams and gives the same samples."""
+def test_piped_and_gzipped_shards_read_like_the_local_files(shards: Path, tmp_path: Path) -> None:
+    """Local tars are read by random access; a url that cannot seek (pipe:) streams, and a local .tar.gz is
+    read through its decompressor: both give the same samples."""
     urls = reader.shard_urls(shards, "train")
     local = list(reader.build_pipeline(urls, shuffle=0))
-    piped = list(reader.build_pipeline([f"pipe:cat '{url}'" for url in urls], shuffle=0))
-    assert [s["key"] for s in piped] == [s["key"] for s in local] and len(local) == N
-    for a, b in zip(local, piped, strict=True):
-        assert np.array_equal(a["pixels"], b["pixels"]) and a["meta"] == b["meta"]
+    zipped = []
+    for url in urls:
+        zipped.append(str(tmp_path / (Path(url).name + ".gz")))
+        Path(zipped[-1]).write_bytes(gzip.compress(Path(url).read_bytes()))
+    for other in ([f"pipe:cat '{url}'" for url in urls], zipped):
+        read = list(reader.build_pipeline(other, shuffle=0))
+        assert [s["key"] for s in read] == [s["key"] for s in local] and len(local) == N
+        for a, b in zip(local, read, strict=True):
+            assert np.array_equal(a["pixels"], b["pixels"]) and a["meta"] == b["meta"]
