@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def synthetic(count: int) -> dict[str, np.ndarray]:
     from radpretrain.shards.dicom import read_dicom
-    from radpretrain.shards.synth import SynthSummary, generate
+    from radpretrain.synth.archive import SynthSummary, generate
 
     root = Path(tempfile.mkdtemp(prefix="radpretrain-bench-crop-"))
     try:

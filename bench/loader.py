@@ -3,7 +3,7 @@
     python bench/loader.py            # 100 radiographs of 2500 x 2000 (12-bit) + 24 compressed ones
     python bench/loader.py --quick    # 30 + 8
 
-What is compared, on the same synthetic radiographs (`radpretrain.shards.synth.generate`), each producing
+What is compared, on the same synthetic radiographs (`radpretrain.synth.archive.generate`), each producing
 batches of 32 samples with two strong 224 px views (`radpretrain.data.transforms`, the loop's policy) and
 the header labels through a DataLoader in this one process (one thread: torch, cv2 and BLAS limited to 1):
 - shards: `radpretrain.shards.reader.build_pipeline` over the archive sharded at 512 px (what the
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def synthesize(root: Path, count: int, syntaxes: list[str], seed: int) -> Path:
-    from radpretrain.shards import synth
+    from radpretrain import synth
 
     root.parent.mkdir(parents=True, exist_ok=True)
     need = count * 2500 * 2000 * 2 + 2**30
@@ -104,7 +104,7 @@ def synthesize(root: Path, count: int, syntaxes: list[str], seed: int) -> Path:
 
 
 def radiographs(root: Path) -> list[Path]:
-    from radpretrain.shards.synth import SynthSummary
+    from radpretrain.synth.archive import SynthSummary
 
     return sorted(SynthSummary.load(root).radiographs)
 
@@ -122,25 +122,26 @@ def make_shards(archive: Path, workdir: Path, codec: str) -> Path:
 
 def sample_bytes(shards: Path) -> float:
     """Mean tar bytes per sample (pixels, json and tar headers)."""
-    from radpretrain.shards.reader import read_manifest, shard_urls
+    from radpretrain.shards.format import ShardSet
 
-    samples = read_manifest(shards)["counts"]["samples"]
-    return sum(Path(url).stat().st_size for url in shard_urls(shards, "train")) / samples
+    samples = ShardSet.open(shards).manifest["counts"]["samples"]
+    return sum(Path(url).stat().st_size for url in ShardSet.open(shards).urls("train")) / samples
 
 
 def sample_fn(shards: Path) -> Any:
     from radpretrain.data.transforms import ViewsConfig, build_sample_fn
-    from radpretrain.shards.reader import read_manifest
+    from radpretrain.shards.format import ShardSet
 
-    return build_sample_fn(("view0", "view1"), ViewsConfig(), read_manifest(shards)["vocab"], VIEW_SIZE)
+    return build_sample_fn(("view0", "view1"), ViewsConfig(), ShardSet.open(shards).manifest["vocab"], VIEW_SIZE)
 
 
 def time_shards(shards: Path, samples: int) -> Run:
     from torch.utils.data import DataLoader
 
-    from radpretrain.shards.reader import build_pipeline, shard_urls
+    from radpretrain.shards.format import ShardSet
+    from radpretrain.shards.reader import build_pipeline
 
-    urls = shard_urls(shards, "train")
+    urls = ShardSet.open(shards).urls("train")
     prime(urls)
     pipeline = build_pipeline(urls, shuffle=200, seed=0, map_fn=sample_fn(shards))
     loader = DataLoader(pipeline, batch_size=BATCH, num_workers=0)

@@ -3,7 +3,7 @@
     python bench/shard.py            # 1,000-file throughput archive (2500 x 2000, 12-bit), memory at 1,000 vs 10,000
     python bench/shard.py --quick    # 100-file archive, memory at 100 vs 1,000 files: a few minutes
 
-What is compared, all on the same synthetic radiographs (`radpretrain.shards.synth.generate`):
+What is compared, all on the same synthetic radiographs (`radpretrain.synth.archive.generate`):
 - shard: `radpretrain.shards.writer.shard` (what `radpretrain shard` calls: index, plan, decode, resize, PNG,
   tar, manifest) in a child process with 1 and with 2 workers; CPU time and peak RSS of its process tree;
 - floor: `read_dicom` + `resize_longest` + `encode_png` (the writer's own pieces) in a plain loop, no tool around it;
@@ -157,7 +157,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Run]:
 
 
 def synthesize(workdir: Path, count: int, image_shape: tuple[int, int]) -> Path:
-    from radpretrain.shards import synth
+    from radpretrain import synth
 
     root = workdir / f"archive-{count}-{image_shape[0]}x{image_shape[1]}"
     need = int(count * image_shape[0] * image_shape[1] * 2 * 1.05) + 2**30
@@ -181,7 +181,7 @@ def synthesize(workdir: Path, count: int, image_shape: tuple[int, int]) -> Path:
 
 
 def radiographs(root: Path) -> list[Path]:
-    from radpretrain.shards.synth import SynthSummary
+    from radpretrain.synth.archive import SynthSummary
 
     return sorted(SynthSummary.load(root).radiographs)
 
@@ -190,7 +190,7 @@ def run_shard(archive: Path, workdir: Path, workers: int, args: argparse.Namespa
     """The real writer in a child process: wall, CPU (rusage of the finished tree) and polled tree RSS."""
     import psutil
 
-    from radpretrain.shards import synth
+    from radpretrain import synth
 
     prime([p for p in archive.rglob("*") if p.is_file()])
     out = workdir / f"out-{archive.name}-w{workers}"

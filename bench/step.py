@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 def small_shards(workdir: Path) -> Path:
     """A few synthetic radiographs, sharded: the tool reads its manifest and probes its val split."""
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.synth import generate
     from radpretrain.shards.writer import shard
+    from radpretrain.synth.archive import generate
 
     generate(workdir / "src", 40, seed=1, min_size=64, max_size=96, syntaxes=["ExplicitVRLittleEndian"], progress=False)
     config = ShardConfig(size=64, shard_size=20, val_fraction=0.3, test_fraction=0.0)
@@ -131,11 +131,11 @@ def time_bare(args: argparse.Namespace, shards: Path, batches: list[dict[str, An
 
     from radpretrain.models.encoders import build_encoder
     from radpretrain.pretrain.tasks import build_objective
-    from radpretrain.shards.reader import read_manifest
+    from radpretrain.shards.format import ShardSet
 
     set_seed(0)  # the tool's initial weights too
     encoder = build_encoder(args.encoder, img_size=args.size)
-    objective = build_objective(encoder, {"simclr": 1.0}, {}, read_manifest(shards)["vocab"])
+    objective = build_objective(encoder, {"simclr": 1.0}, {}, ShardSet.open(shards).manifest["vocab"])
     params = [*encoder.parameters(), *objective.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     encoder.train()

@@ -110,7 +110,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
 
 def _synth(cfg: DemoConfig, paths: dict[str, Path]) -> Any:
-    from radpretrain.shards.synth import generate
+    from radpretrain.synth.archive import generate
 
     return generate(
         paths["archive"],

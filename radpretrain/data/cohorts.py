@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from radpretrain import intensity
 from radpretrain.errors import CohortError, DicomError
 from radpretrain.registry import did_you_mean
+from radpretrain.shards.format import ROBUST_PERCENTILES
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ IMAGE_SUFFIXES = ("-image", "_image")
 #: The table `radpretrain synth --masks` writes: image, mask, patient, structure.
 SYNTH_MASKS = "masks.csv"
 #: Robust intensity range for images without a display window (as the shards' intensity_low/high).
-ROBUST_PERCENTILES = (0.5, 99.5)
 
 LAYOUTS = (
     "a CSV with columns image and mask, or image and a label column (optional patient, structure)",

@@ -17,13 +17,9 @@ import numpy as np
 from radpretrain import intensity
 from radpretrain.errors import ConfigError
 from radpretrain.registry import did_you_mean
+from radpretrain.shards.format import LABEL_NAMES, ROBUST_PERCENTILES, STRONG_VIEWS, VIEW_NAMES
 
-#: Views a sample can be turned into (see pretrain.tasks.base): two strong views and one light one.
-STRONG_VIEWS = ("view0", "view1")
-LIGHT_VIEWS = ("plain",)
-VIEW_NAMES = STRONG_VIEWS + LIGHT_VIEWS
 #: Label tensors every sample carries: long, -1 where missing (ignore_index of the metadata task).
-LABEL_NAMES = ("body_part", "age_bucket", "sex", "view")
 MISSING = -1
 
 
@@ -131,7 +127,7 @@ def stored_window(pixels: np.ndarray, meta: Mapping[str, Any]) -> tuple[float, f
         return float(center), float(width)
     low, high = meta.get("intensity_low"), meta.get("intensity_high")
     if low is None or high is None or float(high) <= float(low):
-        low, high = np.percentile(pixels, (0.5, 99.5))
+        low, high = np.percentile(pixels, ROBUST_PERCENTILES)
     return (float(low) + float(high)) / 2.0, max(float(high) - float(low), 1.0)
 
 

@@ -81,8 +81,8 @@ class ProbeConfig:
     def validate(self) -> None:
         if self.train_samples < 1 or self.val_samples < 1 or self.k < 1 or self.batch_size < 1:
             raise ConfigError("probe.train_samples, probe.val_samples, probe.k and probe.batch_size must be >= 1")
-        from radpretrain.pretrain.tasks.base import LABEL_NAMES  # late: torch is not needed to read a config
         from radpretrain.registry import did_you_mean
+        from radpretrain.shards.format import LABEL_NAMES
 
         for label in self.labels:  # checked now, not after training when the first probe runs
             if label not in LABEL_NAMES:

@@ -66,7 +66,7 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     from radpretrain.data.transforms import build_sample_fn
     from radpretrain.models.encoders import build_encoder
     from radpretrain.pretrain.tasks import build_objective
-    from radpretrain.shards.reader import read_manifest, shard_urls
+    from radpretrain.shards.format import ShardSet
 
     if cfg.data.shards is None:
         raise ConfigError(
@@ -82,10 +82,10 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     main = accelerator.is_main_process
     if logging.getLogger("accelerate").level == logging.NOTSET:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown the bar
-    manifest = read_manifest(cfg.data.shards)
+    manifest = ShardSet.open(cfg.data.shards).manifest
     check_data(cfg, manifest)
     vocab: dict[str, list[str]] = manifest["vocab"]
-    urls = shard_urls(cfg.data.shards, "train")
+    urls = ShardSet.open(cfg.data.shards).urls("train")
     if len(urls) < accelerator.num_processes:
         raise ShardError(
             f"the train split has {len(urls)} shard(s) for {accelerator.num_processes} processes; each process "
@@ -468,7 +468,8 @@ def run_probe(
 
     from radpretrain.data.transforms import AugmentConfig, ViewsConfig, build_sample_fn
     from radpretrain.pretrain.monitor import run_probes
-    from radpretrain.shards.reader import build_pipeline, shard_urls
+    from radpretrain.shards.format import ShardSet
+    from radpretrain.shards.reader import build_pipeline
 
     assert cfg.data.shards is not None
     evaluation = ViewsConfig(plain=AugmentConfig.evaluation())  # deterministic: whole image, stored window
@@ -476,7 +477,7 @@ def run_probe(
     def make_batches(split: str) -> Any:
         # Unshuffled: the sharder already shuffled globally, and a fixed sample makes probes comparable.
         pipeline = build_pipeline(
-            shard_urls(cfg.data.shards, split),  # type: ignore[arg-type]
+            ShardSet.open(cfg.data.shards).urls(split),  # type: ignore[arg-type]
             shuffle=0,
             seed=0,
             map_fn=build_sample_fn(("plain",), evaluation, vocab, cfg.data.image_size),

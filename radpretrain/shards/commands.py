@@ -80,7 +80,7 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from radpretrain.shards.synth import generate
+    from radpretrain.synth.archive import generate
 
     summary = generate(
         args.out,

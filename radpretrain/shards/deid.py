@@ -14,6 +14,7 @@ from typing import Any
 
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import labels
+from radpretrain.shards.format import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,6 @@ KEY_ENV = "RADPRETRAIN_KEY_FILE"
 DEFAULT_KEY_PATH = "~/.config/radpretrain/deid.key"
 #: Hex characters kept from an HMAC-SHA256 digest: 128 bits, collision-free at archive scale.
 PSEUDONYM_CHARS = 32
-SCHEMA_VERSION = 1
 
 #: Every key a sample's json may hold; anything else is a bug and is refused before it is written.
 SAMPLE_FIELDS: tuple[str, ...] = (
@@ -53,7 +53,6 @@ SAMPLE_FIELDS: tuple[str, ...] = (
 MODALITY_CODES: frozenset[str] = frozenset(
     {"CR", "DX", "MG", "RF", "XA", "DR", "IO", "PX", "OT", "SC", "CT", "MR", "US", "NM", "PT", "XC", "ES", "BMD", "RG"}
 )
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 _HEX = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_CHARS}}}$")
 

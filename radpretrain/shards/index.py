@@ -16,6 +16,7 @@ from typing import Any, Literal
 from radpretrain.config import build, to_dict
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid, labels
+from radpretrain.shards.format import SCHEMA_VERSION
 from radpretrain.shards.plain import IMAGE_SUFFIXES, PlainOptions, image_row, load_metadata_table
 from radpretrain.shards.pool import WorkerPool, setup_process
 
@@ -194,7 +195,7 @@ def build_index(
     _write_json(private / "source.json", {"source": str(src_path)})
     counts: Counter[str] = Counter(f"{r['status']}:{r['reason']}" if r["reason"] else r["status"] for r in rows)
     meta = {
-        "schema_version": deid.SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "files": len(rows),
         "source": pseudonymize("source", str(src_path)),
         "key": pseudonymize.fingerprint,

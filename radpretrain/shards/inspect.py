@@ -11,6 +11,7 @@ import numpy as np
 
 from radpretrain.errors import ShardError
 from radpretrain.shards import reader
+from radpretrain.shards.format import ShardSet
 
 REPORT_FIELDS = ("body_part", "age_bucket", "sex", "view", "laterality", "modality", "manufacturer")
 TILE = 192
@@ -19,7 +20,7 @@ CAPTION = 34
 
 def composition_report(root: str | Path) -> str:
     """A plain-text report: counts by split and label, errors by reason, shard sizes."""
-    manifest = reader.read_manifest(root)
+    manifest = ShardSet.open(root).manifest
     counts = manifest["counts"]
     lines = [
         f"shards in {root}: schema {manifest['schema_version']}, size {manifest['size']}, "
@@ -89,7 +90,7 @@ def _bytes(n: int) -> str:
 
 def random_samples(root: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """Up to n samples from random shards of every split, windowed for display."""
-    manifest = reader.read_manifest(root)
+    manifest = ShardSet.open(root).manifest
     urls = [str(Path(root) / name) for entry in manifest["splits"].values() for name in entry["shards"]]
     if not urls:
         raise ShardError(f"{root} holds no samples to show")

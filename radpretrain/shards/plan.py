@@ -13,9 +13,9 @@ from typing import Any, Literal
 from radpretrain.config import to_dict
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid
+from radpretrain.shards.format import PLAN_FILE, SCHEMA_VERSION, SPLITS, unit_name
 from radpretrain.shards.index import Index, IndexOptions
 
-PLAN_FILE = "plan.json"
 DUPLICATE = "duplicate"
 
 
@@ -73,7 +73,7 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema_version": deid.SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION,
             "fingerprint": self.fingerprint,
             "config": self.config,
             "files_seen": self.files_seen,
@@ -94,7 +94,7 @@ def split_of(patient: str, config: ShardConfig, pseudonymize: deid.Pseudonymizer
 def make_plan(index: Index, config: ShardConfig, pseudonymize: deid.Pseudonymizer) -> Plan:
     """Deterministic from the index, the config and the key: the same inputs always give the same units."""
     seen_sops: set[str] = set()
-    by_split: dict[str, list[str]] = {split: [] for split in deid.SPLITS}
+    by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
     not_planned: dict[str, tuple[str, str]] = {}
     for row in index.rows:
         if row["status"] != "ok":
@@ -111,7 +111,7 @@ def make_plan(index: Index, config: ShardConfig, pseudonymize: deid.Pseudonymize
         random.Random(f"{config.seed}:{split}").shuffle(files)
         for number, start in enumerate(range(0, len(files), config.shard_size)):
             units.append(
-                Unit(name=f"{split}-{number:06d}", split=split, files=files[start : start + config.shard_size])
+                Unit(name=unit_name(split, number), split=split, files=files[start : start + config.shard_size])
             )
     config_dict = to_dict(config)
     identity = {

@@ -10,7 +10,6 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from radpretrain import intensity
@@ -19,54 +18,8 @@ from radpretrain.shards import codecs
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
 #: Why a record without an image (png or b2nd) and a json member is dropped.
 FOREIGN = "not a radpretrain sample"
-
-
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The manifest of a shard folder; ShardError when it is missing, unreadable or from another convention."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        hint = (
-            "; the sharding run has not finished: run the same `radpretrain shard` command again"
-            if any(Path(root).glob("*.tar"))
-            else "; make shards with `radpretrain shard SRC OUT`"
-        )
-        raise ShardError(f"no {MANIFEST} in {root}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ShardError(f"{path} is not valid JSON ({exc}); run `radpretrain shard` again to rewrite it") from None
-    if not isinstance(manifest, dict) or "splits" not in manifest:
-        raise ShardError(f"{path} is not a radpretrain shard manifest (no 'splits')")
-    if manifest.get("schema_version") != 1:
-        raise ShardError(
-            f"{path} has schema_version {manifest.get('schema_version')!r}; this version reads 1: re-shard the data"
-        )
-    intensity.check_convention(str(manifest.get("intensity_convention")), f"shards in {root}")
-    return dict(manifest)
-
-
-def shard_urls(root: str | Path, split: str = "train") -> list[str]:
-    """Absolute paths of a split's shards, in manifest order; ShardError when the split is empty or a tar is gone."""
-    manifest = read_manifest(root)
-    splits = manifest["splits"]
-    if split not in splits:
-        raise ShardError(f"unknown split '{split}'; the shards hold {', '.join(splits)}")
-    names = splits[split]["shards"]
-    if not names:
-        raise ShardError(
-            f"split '{split}' of {root} has no samples; choose another split or re-shard with larger fractions"
-        )
-    urls = []
-    for name in names:
-        path = (Path(root) / name).resolve()
-        if not path.is_file():
-            raise ShardError(f"shard {name} listed in {root}/{MANIFEST} is missing; copy it back or re-shard")
-        urls.append(str(path))
-    return urls
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +116,7 @@ class ShardSource:
 
     def __init__(self, urls: Sequence[str], state: ReadState, *, seed: int, resampled: bool, repeat: bool) -> None:
         if not urls:
-            raise ShardError("no shard urls given; use shard_urls(root, split) to list them")
+            raise ShardError("no shard urls given; use ShardSet.open(root).urls(split) to list them")
         self.urls = list(urls)
         self.state = state
         self.seed = seed

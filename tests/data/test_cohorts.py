@@ -76,7 +76,7 @@ def test_volume_pairs_load_in_both_naming_conventions_with_a_robust_window() -> 
 
 
 def test_synthetic_masks_table_needs_one_structure_and_reads_dicom(tmp_path: Path) -> None:
-    from radpretrain.shards.synth import generate
+    from radpretrain.synth.archive import generate
 
     out = tmp_path / "synth"
     generate(out, 6, seed=3, masks=True, min_size=64, max_size=80, body_parts=["chest"], progress=False)

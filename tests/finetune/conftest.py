@@ -20,7 +20,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def synth_chest(tmp_path_factory) -> Path:
     """40 small chest radiographs (about 9 patients) with lung and heart masks: OUT/masks.csv."""
-    from radpretrain.shards.synth import generate
+    from radpretrain.synth.archive import generate
 
     out = tmp_path_factory.mktemp("synth-chest")
     generate(out, 40, seed=1, masks=True, min_size=64, max_size=96, body_parts=["chest"], progress=False)
@@ -60,7 +60,7 @@ def weak_lung_cohort(synth_chest, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def body_part_cohort(tmp_path_factory) -> Path:
     """A classification cohort: chest vs hand radiographs, labels from the generator's ground truth."""
-    from radpretrain.shards.synth import generate
+    from radpretrain.synth.archive import generate
 
     out = tmp_path_factory.mktemp("synth-parts")
     generate(out, 24, seed=2, min_size=64, max_size=96, body_parts=["chest", "hand"], progress=False)

@@ -24,10 +24,10 @@ def test_pretrained_encoders_beat_random_init(tmp_path: Path) -> None:
     from radpretrain.models.encoders import build_encoder
     from radpretrain.pretrain.config import PretrainConfig
     from radpretrain.pretrain.loop import pretrain, run_probe
+    from radpretrain.shards.format import ShardSet
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.reader import read_manifest
-    from radpretrain.shards.synth import generate
     from radpretrain.shards.writer import shard
+    from radpretrain.synth.archive import generate
 
     generate(
         tmp_path / "src",
@@ -65,7 +65,9 @@ def test_pretrained_encoders_beat_random_init(tmp_path: Path) -> None:
     # The starting point of both runs: the same seed gives the same initial weights.
     set_seed(cfg.seed)
     encoder = build_encoder("test_resnet", img_size=64)
-    scores["random init"] = run_probe(Accelerator(cpu=True), encoder, cfg, read_manifest(cfg.data.shards)["vocab"], 0)
+    scores["random init"] = run_probe(
+        Accelerator(cpu=True), encoder, cfg, ShardSet.open(cfg.data.shards).manifest["vocab"], 0
+    )
 
     probed = scores["random init"]
     print(

@@ -10,8 +10,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from radpretrain.shards import codecs, reader, synth
+from radpretrain import synth
+from radpretrain.shards import codecs, reader
 from radpretrain.shards.dicom import resize_longest
+from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.writer import shard, stored_pixels
 
@@ -61,7 +63,7 @@ def test_blosc2_shards_read_back_the_pixels_of_png_shards(tmp_path: Path) -> Non
         config = ShardConfig(size=96, shard_size=5, val_fraction=0.0, test_fraction=0.0, codec=codec)
         summary = shard(tmp_path / "src", tmp_path / codec, config, key=tmp_path / "k", progress=False)
         assert summary.manifest is not None and summary.manifest["codec"] == codec
-        urls = reader.shard_urls(tmp_path / codec, "train")
+        urls = ShardSet.open(tmp_path / codec).urls("train")
         for url in urls:
             with tarfile.open(url) as tar:
                 assert {n.rsplit(".", 1)[1] for n in tar.getnames()} == {"json", codecs.CODECS[codec].ext}
@@ -73,6 +75,6 @@ def test_blosc2_shards_read_back_the_pixels_of_png_shards(tmp_path: Path) -> Non
     # Forked loader workers decode after the parent has (Blosc2 keeps C state): every sample arrives once.
     from torch.utils.data import DataLoader
 
-    pipeline = reader.build_pipeline(reader.shard_urls(tmp_path / "blosc2", "train"), shuffle=0)
+    pipeline = reader.build_pipeline(ShardSet.open(tmp_path / "blosc2").urls("train"), shuffle=0)
     keys = [sample["key"] for sample in DataLoader(pipeline, batch_size=None, num_workers=2, timeout=60)]
     assert sorted(keys) == sorted(out["blosc2"])

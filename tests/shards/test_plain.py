@@ -17,6 +17,7 @@ import pytest
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid, plain, reader
 from radpretrain.shards.dicom import resize_longest
+from radpretrain.shards.format import ShardSet
 from radpretrain.shards.index import IndexOptions
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.writer import shard
@@ -37,7 +38,7 @@ def test_figure1_folder_to_shards_without_free_text(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "out"
-    manifest = reader.read_manifest(out)
+    manifest = ShardSet.open(out).manifest
     images = sorted(p for p in (FIGURE1 / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     counts = manifest["counts"]
     assert counts["written"] + counts["duplicate"] == len(images)
@@ -48,7 +49,7 @@ def test_figure1_folder_to_shards_without_free_text(tmp_path: Path) -> None:
     samples = []
     for split, entry in manifest["splits"].items():
         if entry["shards"]:
-            samples += list(reader.build_pipeline(reader.shard_urls(out, split), shuffle=0))
+            samples += list(reader.build_pipeline(ShardSet.open(out).urls(split), shuffle=0))
     assert len(samples) == counts["written"]
     by_patient = {pseudo("patient", pid): row for pid, row in rows.items()}
     for sample in samples:
@@ -107,7 +108,7 @@ def test_csv_mapping_and_colour(tmp_path: Path) -> None:
     assert summary.manifest is not None
     counts = summary.manifest["counts"]
     assert counts["written"] == 2 and counts["skipped"] == {"colour image": 1}
-    samples = list(reader.build_pipeline(reader.shard_urls(tmp_path / "out"), shuffle=0))
+    samples = list(reader.build_pipeline(ShardSet.open(tmp_path / "out").urls(), shuffle=0))
     assert all(np.array_equal(s["pixels"], cv2.resize(grey, (24, 32), interpolation=cv2.INTER_AREA)) for s in samples)
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert [e["reason"] for e in errors] == ["colour image"]

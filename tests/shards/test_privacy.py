@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from radpretrain.shards import synth
+from radpretrain import synth
 
 MARKER = "QZPHI"
 

@@ -15,6 +15,7 @@ import torch
 
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import reader
+from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.writer import shard
 from tests.shards.helpers import make_archive
@@ -36,7 +37,7 @@ def _keys(pipeline: Any) -> list[str]:
 
 
 def test_reads_every_sample_once_windowed(shards: Path) -> None:
-    urls = reader.shard_urls(shards, "train")
+    urls = ShardSet.open(shards).urls("train")
     assert len(urls) == N // 3 and all(Path(u).is_absolute() for u in urls)
     samples = list(reader.build_pipeline(urls, shuffle=8, seed=1))
     assert len({s["key"] for s in samples}) == len(samples) == N
@@ -50,7 +51,7 @@ def test_reads_every_sample_once_windowed(shards: Path) -> None:
 
 
 def test_split_by_node(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    urls = reader.shard_urls(shards, "train")
+    urls = ShardSet.open(shards).urls("train")
     seen = []
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
@@ -61,7 +62,7 @@ def test_split_by_node(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_split_by_dataloader_worker(shards: Path) -> None:
-    urls = reader.shard_urls(shards, "train")
+    urls = ShardSet.open(shards).urls("train")
     pipeline = reader.build_pipeline(urls, shuffle=4, map_fn=_key_of)
     keys = list(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2))
     assert len(keys) == len(set(keys)) == N
@@ -72,7 +73,7 @@ def _key_of(sample: dict[str, Any]) -> str:
 
 
 def test_epoch_length_repeats_and_resampling(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    urls = reader.shard_urls(shards, "train")[:1]  # one shard of 3 samples
+    urls = ShardSet.open(shards).urls("train")[:1]  # one shard of 3 samples
     assert len(_keys(reader.build_pipeline(urls, shuffle=0, epoch_len=7))) == 7
     assert len(_keys(reader.build_pipeline(urls, shuffle=0, epoch_len=7, resampled=True))) == 7
     # A node with no shard of its own still fills its epoch instead of hanging or stopping early.
@@ -83,7 +84,7 @@ def test_epoch_length_repeats_and_resampling(shards: Path, monkeypatch: pytest.M
 
 
 def test_truncated_shard_is_skipped_and_counted(shards: Path, tmp_path: Path) -> None:
-    urls = reader.shard_urls(shards, "train")[:2]
+    urls = ShardSet.open(shards).urls("train")[:2]
     data = Path(urls[0]).read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: len(data) // 2 + 100])
@@ -112,24 +113,24 @@ def test_nothing_readable_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_manifest_errors(shards: Path, tmp_path: Path) -> None:
     with pytest.raises(ShardError, match=r"no manifest\.json"):
-        reader.read_manifest(tmp_path)
+        ShardSet.open(tmp_path)
     (tmp_path / "x.tar").write_bytes(b"")
     with pytest.raises(ShardError, match="has not finished"):
-        reader.read_manifest(tmp_path)
+        ShardSet.open(tmp_path)
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(ShardError, match="not valid JSON"):
-        reader.read_manifest(tmp_path)
+        ShardSet.open(tmp_path)
     manifest = json.loads((shards / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "intensity_convention": "raw-hu"}))
     with pytest.raises(ConfigError, match="intensity convention"):
-        reader.read_manifest(tmp_path)
+        ShardSet.open(tmp_path)
     with pytest.raises(ShardError, match="unknown split"):
-        reader.shard_urls(shards, "training")
+        ShardSet.open(shards).urls("training")
     with pytest.raises(ShardError, match="has no samples"):
-        reader.shard_urls(shards, "val")
+        ShardSet.open(shards).urls("val")
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="is missing"):
-        reader.shard_urls(tmp_path, "train")
+        ShardSet.open(tmp_path).urls("train")
 
 
 def test_decode_rejects_broken_members() -> None:
@@ -142,7 +143,7 @@ def test_decode_rejects_broken_members() -> None:
 def test_piped_and_gzipped_shards_read_like_the_local_files(shards: Path, tmp_path: Path) -> None:
     """Local tars are read by random access; a url that cannot seek (pipe:) streams, and a local .tar.gz is
     read through its decompressor: both give the same samples."""
-    urls = reader.shard_urls(shards, "train")
+    urls = ShardSet.open(shards).urls("train")
     local = list(reader.build_pipeline(urls, shuffle=0))
     zipped = []
     for url in urls:

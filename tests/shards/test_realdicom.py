@@ -11,6 +11,7 @@ from pydicom.pixels import apply_modality_lut
 
 from radpretrain.shards import deid, reader
 from radpretrain.shards.dicom import resize_longest
+from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.writer import shard
 
@@ -78,7 +79,7 @@ def test_real_radiographs_match_pydicom(tmp_path: Path) -> None:
         counts = summary.manifest["counts"]
         assert counts["written"] == 1, (path.name, counts)
         [split] = [name for name, entry in summary.manifest["splits"].items() if entry["shards"]]
-        [sample] = list(reader.build_pipeline(reader.shard_urls(out, split), shuffle=0))
+        [sample] = list(reader.build_pipeline(ShardSet.open(out).urls(split), shuffle=0))
 
         ds = pydicom.dcmread(path)
         assert sample["key"] == pseudo("sop", ds.SOPInstanceUID)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from radpretrain import synth
 from radpretrain.errors import ShardError
-from radpretrain.shards import reader, synth
+from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.writer import shard
 
@@ -23,7 +24,7 @@ CONFIG = ShardConfig(size=64, shard_size=3, val_fraction=0.2, test_fraction=0.2)
 
 
 def _keys(out: Path) -> list[str]:
-    manifest = reader.read_manifest(out)
+    manifest = ShardSet.open(out).manifest
     keys = []
     for split in manifest["splits"].values():
         for name in split["shards"]:
@@ -67,7 +68,7 @@ def test_killed_run_resumes_to_the_same_samples(tmp_path: Path) -> None:
         with tarfile.open(tar_path) as tar:
             assert all(tar.extractfile(m) is not None for m in tar.getmembers())
     with pytest.raises(ShardError, match="has not finished"):
-        reader.read_manifest(out)
+        ShardSet.open(out)
     time.sleep(1.0)
     stats_mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.stats.json")}
     assert stats_mtimes == {p.name: p.stat().st_mtime_ns for p in out.glob("*.stats.json")}, "orphan workers write on"
@@ -103,4 +104,4 @@ def test_changed_settings_refused_unless_overwrite(tmp_path: Path) -> None:
         shard(tmp_path / "src", tmp_path / "out", CONFIG, key=other_key, progress=False)
     replaced = shard(tmp_path / "src", tmp_path / "out", bigger, key=key, overwrite=True, progress=False)
     assert replaced.units_written == replaced.units_total
-    assert reader.read_manifest(tmp_path / "out")["size"] == 80
+    assert ShardSet.open(tmp_path / "out").manifest["size"] == 80

@@ -12,8 +12,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from radpretrain import intensity
-from radpretrain.shards import deid, labels, reader, synth
+from radpretrain import intensity, synth
+from radpretrain.shards import deid, labels, reader
+from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.writer import shard
 
@@ -47,7 +48,7 @@ def _all_samples(out: Path) -> list[dict[str, Any]]:
     samples = []
     for split in ("train", "val", "test"):
         try:
-            urls = reader.shard_urls(out, split)
+            urls = ShardSet.open(out).urls(split)
         except Exception:
             continue
         samples += list(reader.build_pipeline(urls, shuffle=0))
@@ -104,7 +105,7 @@ def test_round_trip_matches_ground_truth(sharded: dict[str, Any]) -> None:
 
 def test_manifest_accounts_for_every_file(sharded: dict[str, Any]) -> None:
     out, truth = sharded["out"], sharded["truth"]
-    manifest = reader.read_manifest(out)
+    manifest = ShardSet.open(out).manifest
     counts = manifest["counts"]
     seen = sum(1 for p in (out.parent / "src").rglob("*") if p.is_file())
     assert counts["files_seen"] == seen  # synth.json included: it is a file of the source folder
@@ -142,7 +143,7 @@ def test_every_hostile_kind_has_its_reason(sharded: dict[str, Any]) -> None:
 
 def test_shards_are_plain_webdataset_tars(sharded: dict[str, Any]) -> None:
     out = sharded["out"]
-    manifest = reader.read_manifest(out)
+    manifest = ShardSet.open(out).manifest
     for split in manifest["splits"].values():
         for name in split["shards"]:
             with tarfile.open(out / name) as tar:

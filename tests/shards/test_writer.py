@@ -11,6 +11,7 @@ from pydicom.uid import generate_uid
 
 from radpretrain.errors import ShardError
 from radpretrain.shards import deid, dicom, reader
+from radpretrain.shards.format import ShardSet
 from radpretrain.shards.index import build_index
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.writer import robust_range, shard, stored_pixels
@@ -20,7 +21,7 @@ CONFIG = ShardConfig(size=48, shard_size=2, val_fraction=0.0, test_fraction=0.0)
 
 
 def _samples(out: Path) -> dict[str, dict]:
-    return {s["key"]: s for s in reader.build_pipeline(reader.shard_urls(out, "train"), shuffle=0)}
+    return {s["key"]: s for s in reader.build_pipeline(ShardSet.open(out).urls("train"), shuffle=0)}
 
 
 def test_stored_pixels_offsets() -> None:

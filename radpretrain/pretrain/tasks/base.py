@@ -12,13 +12,8 @@ from torch import nn
 from radpretrain.errors import ConfigError
 from radpretrain.registry import Registry, did_you_mean
 
-#: Views the loader can produce for a sample; a task asks for the ones it needs and the loader makes
-#: the union once per sample (so SimCLR + metadata share the two strong views).
-#: "view0"/"view1": independent strong augmentations; "plain": light augmentation (crop + window).
-VIEW_NAMES = ("view0", "view1", "plain")
-
-#: Label tensors always present in a batch: long, -1 where the label is missing.
-LABEL_NAMES = ("body_part", "age_bucket", "sex", "view")
+#: A task asks for the views (format.VIEW_NAMES) it needs and the loader makes the union once per sample
+#: (so SimCLR + metadata share the two strong views); every batch carries the format.LABEL_NAMES labels.
 
 
 class Task(nn.Module, metaclass=abc.ABCMeta):

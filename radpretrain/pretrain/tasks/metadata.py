@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from radpretrain.errors import ConfigError
-from radpretrain.pretrain.tasks.base import LABEL_NAMES, Task, register_task
+from radpretrain.pretrain.tasks.base import Task, register_task
+from radpretrain.shards.format import LABEL_NAMES
 
 MISSING = -1
 BALANCE = ("none", "inverse_sqrt", "inverse", "focal")

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from radpretrain.errors import ConfigError
-from radpretrain.pretrain.tasks.base import TASKS, VIEW_NAMES, Task
+from radpretrain.pretrain.tasks.base import TASKS, Task
+from radpretrain.shards.format import VIEW_NAMES
 
 
 class Objective(nn.Module):

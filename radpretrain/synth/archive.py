@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from radpretrain.errors import ConfigError
-from radpretrain.shards.phantoms import (
+from radpretrain.shards.format import SCHEMA_VERSION
+from radpretrain.synth.phantoms import (
     BODY_PARTS,
     MASK_STRUCTURES,
     SIDED,
@@ -32,7 +33,6 @@ from radpretrain.shards.phantoms import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 SYNTH_JSON = "synth.json"
 MASKS_CSV = "masks.csv"
 _PARTIAL = ".synth-partial.json"  # written first, replaced by synth.json when the export is complete

@@ -12,8 +12,7 @@ from pydicom.errors import InvalidDicomError
 
 from radpretrain.cli import main
 from radpretrain.errors import ConfigError
-from radpretrain.shards.phantoms import BODY_PARTS, MASK_STRUCTURES, VIEWS, make_radiograph
-from radpretrain.shards.synth import (
+from radpretrain.synth.archive import (
     HOSTILE_KINDS,
     SynthSummary,
     available_syntaxes,
@@ -21,6 +20,7 @@ from radpretrain.shards.synth import (
     generate,
     iter_files,
 )
+from radpretrain.synth.phantoms import BODY_PARTS, MASK_STRUCTURES, VIEWS, make_radiograph
 
 MARKER = "ZQX"
 
