@@ -99,14 +99,21 @@ CODECS: dict[str, Codec] = {
     "png": Codec("png", encode_png, decode_png),
     "blosc2": Codec("b2nd", encode_blosc2, decode_blosc2),
 }
+#: Codecs by the tar member extension they are stored under.
+CODECS_BY_EXT: dict[str, Codec] = {codec.ext: codec for codec in CODECS.values()}
 #: Tar member extensions that hold a sample's pixels.
-IMAGE_EXTS: tuple[str, ...] = tuple(codec.ext for codec in CODECS.values())
+IMAGE_EXTS: tuple[str, ...] = tuple(CODECS_BY_EXT)
+
+
+def decode_image(ext: str, data: bytes) -> np.ndarray:
+    """The uint16 pixels of one image member, by its extension ("png", "b2nd"); ValueError if broken."""
+    return CODECS_BY_EXT[ext].decode(bytes(data)).astype(np.uint16, copy=False)
 
 
 def decode_member(sample: dict[str, object]) -> np.ndarray:
     """The uint16 pixels of a webdataset sample from whichever image member it has; ValueError if none."""
-    for codec in CODECS.values():
-        data = sample.get(codec.ext)
+    for ext in IMAGE_EXTS:
+        data = sample.get(ext)
         if isinstance(data, bytes | bytearray | memoryview):
-            return codec.decode(bytes(data)).astype(np.uint16, copy=False)
+            return decode_image(ext, bytes(data))
     raise ValueError(f"sample lacks an image member ({', '.join(IMAGE_EXTS)})")
