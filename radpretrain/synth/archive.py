@@ -26,6 +26,7 @@ from radpretrain.synth.phantoms import (
     SIDED,
     VIEWS,
     Body,
+    check_body_parts,
     default_shape,
     field_of_view,
     make_radiograph,
@@ -34,6 +35,8 @@ from radpretrain.synth.phantoms import (
 log = logging.getLogger(__name__)
 
 SYNTH_JSON = "synth.json"
+#: The masks table, a cohort table in `radpretrain.data.cohorts.load_cohort`'s table layout (columns image, mask,
+#: patient, structure; paths relative to the export), found there as the folder's one CSV with an image column.
 MASKS_CSV = "masks.csv"
 _PARTIAL = ".synth-partial.json"  # written first, replaced by synth.json when the export is complete
 
@@ -116,6 +119,13 @@ _VAGUE_PHRASES = ("XR 1 VIEW", "Aufnahme", "RX", "PORTABLE", "Radiograph", "XR O
 _FREE_TEXT = ("fell at home", "pain after fall", "follow-up", "trauma", "fever and cough", "rule out fracture")
 _VIEWS = {"chest": ("PA", "AP"), "skull": ("PA", "AP")}  # other parts: AP (PA for the hand)
 _LATERAL_TAGS = ("LL", "RL", "LAT", "LATERAL")  # how ViewPosition spells a lateral
+
+# Every body-part table above names each drawable part as the label vocabulary does.
+check_body_parts("_PART_WEIGHTS_ADULT", _PART_WEIGHTS_ADULT, complete=True)
+check_body_parts("_PART_WEIGHTS_CHILD", _PART_WEIGHTS_CHILD, complete=True)
+check_body_parts("_PART_TAGS", _PART_TAGS, complete=True)
+check_body_parts("_PART_PHRASES", _PART_PHRASES, complete=True)
+check_body_parts("_VIEWS", _VIEWS)
 
 # (Manufacturer as written, normalised vendor as radpretrain.shards.labels names it).
 _CR_VENDORS = (
@@ -238,7 +248,8 @@ def generate(
         seed: same seed and arguments give the same bytes (UIDs included), whatever `workers` is.
         hostile: share of hostile files (`HOSTILE_KINDS`); any value > 0 gives at least one of each kind.
         masks: write ground-truth masks (chest: lungs, heart; hand and knee: bones) beside the images and
-            `masks.csv` (image, mask, patient, structure).
+            `masks.csv` (image, mask, patient, structure): a cohort table `load_cohort` reads, from the
+            table path or from the export folder, as its only CSV with an image column.
         min_size, max_size: range of the long image side in pixels.
         syntaxes: transfer syntaxes to draw from (`SYNTAXES` keywords); default all available. A compressed
             syntax without an installed encoder falls back to ExplicitVRLittleEndian with a warning.

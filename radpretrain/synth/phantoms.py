@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-#: Body parts the generator can draw (names follow the DICOM body-part defined terms, lower case).
-BODY_PARTS: tuple[str, ...] = (
-    "chest",
-    "abdomen",
-    "pelvis",
-    "skull",
-    "lspine",
-    "shoulder",
-    "hand",
-    "knee",
-    "foot",
-)
+from radpretrain.shards import labels
+
+# Every table below is keyed by body-part names of the one vocabulary, `radpretrain.shards.labels.BODY_PARTS`
+# (checked at import); `BODY_PARTS`, the parts with a phantom, is defined after the phantom table.
 
 #: Adult detector field of view (height_mm, width_mm) per body part, as the usual cassette sizes.
 FIELD_MM: dict[str, tuple[float, float]] = {
@@ -993,12 +985,7 @@ _LATERALS: dict[str, Callable[[Canvas, Body, np.random.Generator], None]] = {
     "skull": _skull_lat,
 }
 
-#: Projections each body part can be drawn in ("LAT" only where a lateral phantom exists).
-VIEWS: dict[str, tuple[str, ...]] = {
-    part: ("PA", "AP", "LAT") if part in _LATERALS else ("PA", "AP") for part in BODY_PARTS
-}
-
-
+# The phantom table: one frontal drawing per body part of `labels.BODY_PARTS` the generator can draw.
 _PARTS: dict[str, Callable[[Canvas, Body, np.random.Generator], None]] = {
     "chest": _chest,
     "abdomen": _abdomen,
@@ -1009,6 +996,47 @@ _PARTS: dict[str, Callable[[Canvas, Body, np.random.Generator], None]] = {
     "hand": _hand,
     "knee": _knee,
     "foot": _foot,
+}
+
+
+def check_body_parts(table: str, parts: Iterable[str], *, complete: bool = False) -> None:
+    """Refuse a synth table whose keys are not body parts the phantoms draw, named as `labels.BODY_PARTS` does.
+
+    Args:
+        table: The table's name, for the message.
+        parts: Its body-part keys.
+        complete: Also require every drawable body part (a table every drawn image looks up).
+
+    Raises:
+        ValueError: a key outside the vocabulary or without a phantom, or (complete) a drawable part missing.
+    """
+    parts = list(parts)
+    foreign = [p for p in parts if p not in labels.BODY_PARTS or p == labels.UNKNOWN]
+    if foreign:
+        raise ValueError(
+            f"synth {table}: {', '.join(foreign)} not in the body-part vocabulary of radpretrain.shards.labels "
+            f"(known: {', '.join(p for p in labels.BODY_PARTS if p != labels.UNKNOWN)})"
+        )
+    undrawn = [p for p in parts if p not in _PARTS]
+    missing = [p for p in _PARTS if p not in parts] if complete else []
+    if undrawn or missing:
+        raise ValueError(
+            f"synth {table}: no phantom for {', '.join(undrawn) or 'none'}, no entry for {', '.join(missing) or 'none'}"
+        )
+
+
+#: Body parts the generator can draw: the `labels.BODY_PARTS` entries with a phantom, in that vocabulary's order.
+BODY_PARTS: tuple[str, ...] = tuple(part for part in labels.BODY_PARTS if part in _PARTS)
+
+check_body_parts("phantoms", _PARTS)
+check_body_parts("lateral phantoms", _LATERALS)
+check_body_parts("FIELD_MM", FIELD_MM, complete=True)
+check_body_parts("MASK_STRUCTURES", MASK_STRUCTURES)
+check_body_parts("SIDED", SIDED)
+
+#: Projections each body part can be drawn in ("LAT" only where a lateral phantom exists).
+VIEWS: dict[str, tuple[str, ...]] = {
+    part: ("PA", "AP", "LAT") if part in _LATERALS else ("PA", "AP") for part in BODY_PARTS
 }
 
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from radpretrain import intensity
-from radpretrain.data.cohorts import CohortDataset, load_cohort, read_case
+from radpretrain.data.cohorts import load_cohort
+from radpretrain.data.dataset import CohortDataset
+from radpretrain.data.readers import read_case
 from radpretrain.errors import CohortError
 
 #: Real public samples; in CI at ../shared/data relative to the repo root.
@@ -94,6 +96,21 @@ def test_synthetic_masks_table_needs_one_structure_and_reads_dicom(tmp_path: Pat
     item = CohortDataset(cohort, size=32)[0]
     assert item["image"].shape == item["target"].shape == (1, 32, 32)
     assert 0.05 < item["target"].mean() < 0.7
+
+
+def test_a_folder_table_is_found_by_its_image_column_whatever_its_name(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(tmp_path / "a-seg.png"), np.zeros((8, 8), np.uint8))
+    _write_table(tmp_path / "notes.csv", [{"case": "a", "comment": "not a cohort table: no image column"}])
+    _write_table(tmp_path / "masks.csv", [{"image": "a.png", "mask": "a-seg.png", "patient": "p1"}])
+    assert load_cohort(tmp_path).layout == "table masks.csv"
+    (tmp_path / "masks.csv").rename(tmp_path / "my cohort.csv")
+    cohort = load_cohort(tmp_path)
+    assert (cohort.layout, [c.patient for c in cohort.cases]) == ("table my cohort.csv", ["p1"])
+    # No table name is special: `masks.csv` beside another table is one of several, as any name would be.
+    _write_table(tmp_path / "masks.csv", [{"image": "a.png", "mask": "a-seg.png"}])
+    with pytest.raises(CohortError, match=r"several cohort tables \(masks\.csv, my cohort\.csv\)"):
+        load_cohort(tmp_path)
 
 
 def test_csv_labels_become_class_indices_and_16bit_png_gets_the_robust_window(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pydicom.errors import InvalidDicomError
 
 from radpretrain.cli import main
 from radpretrain.errors import ConfigError
+from radpretrain.shards import labels
 from radpretrain.synth.archive import (
     HOSTILE_KINDS,
     SynthSummary,
@@ -20,7 +21,7 @@ from radpretrain.synth.archive import (
     generate,
     iter_files,
 )
-from radpretrain.synth.phantoms import BODY_PARTS, MASK_STRUCTURES, VIEWS, make_radiograph
+from radpretrain.synth.phantoms import BODY_PARTS, MASK_STRUCTURES, VIEWS, check_body_parts, make_radiograph
 
 MARKER = "ZQX"
 
@@ -318,6 +319,30 @@ def test_phantoms_differ_by_part_and_show_age() -> None:
         make_radiograph("hand", 3, "M", 64, np.random.default_rng(0), view="LAT")
     with pytest.raises(ValueError, match="unknown body part"):
         make_radiograph("tail", 3, "M", 64, np.random.default_rng(0))
+
+
+def test_the_phantoms_draw_body_parts_of_the_label_vocabulary(export: SynthSummary) -> None:
+    # The drawable parts are labels.BODY_PARTS entries, in its order; every drawn image's truth names one.
+    assert tuple(p for p in labels.BODY_PARTS if p in BODY_PARTS) == BODY_PARTS
+    assert labels.UNKNOWN not in BODY_PARTS
+    drawn = {truth["body_part"] for truth in export.files.values() if "body_part" in truth}
+    assert drawn and drawn <= set(BODY_PARTS)
+    # The label parser reads every BodyPartExamined variant written back as the part that was drawn.
+    tagged = [(p, export.files[p.relative_to(export.root).as_posix()]) for p in export.radiographs]
+    pairs = {
+        (labels.body_part_from_text(_read(p).BodyPartExamined), info["body_part"])
+        for p, info in tagged
+        if info["body_part_header"] == "tag"
+    }
+    assert len(pairs) >= 4 and all(parsed == part for parsed, part in pairs)
+    # A table naming a part outside the vocabulary, or one without a phantom, is refused (as at import).
+    check_body_parts("views", {"chest": 1, "knee": 2})
+    with pytest.raises(ValueError, match=r"synth tags: thorax not in the body-part vocabulary"):
+        check_body_parts("tags", ["chest", "thorax"])
+    with pytest.raises(ValueError, match=r"synth weights: no phantom for elbow, no entry for none"):
+        check_body_parts("weights", [*BODY_PARTS, "elbow"])
+    with pytest.raises(ValueError, match=r"no phantom for none, no entry for foot"):
+        check_body_parts("weights", BODY_PARTS[:-1], complete=True)
 
 
 def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
