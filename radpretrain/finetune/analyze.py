@@ -132,7 +132,8 @@ def plot_filters(before: torch.Tensor, after: torch.Tensor, path: Path, max_filt
 
 def cohort_images(cohort_path: Path, images: int, size: int, structure: str | None = None) -> torch.Tensor:
     """The first `images` images of a 2D cohort, under the encoder intensity convention, as (N, 1, H, W)."""
-    from radpretrain.data.cohorts import CohortDataset, load_cohort
+    from radpretrain.data.cohorts import load_cohort
+    from radpretrain.data.dataset import CohortDataset
 
     cohort = load_cohort(cohort_path, structure=structure)
     if cohort.spatial_dims != 2:
