@@ -16,6 +16,11 @@ from radpretrain.registry import did_you_mean
 
 C = TypeVar("C")
 
+_STR_TAG = "tag:yaml.org,2002:str"
+_NULL_TAG = "tag:yaml.org,2002:null"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MAP_TAG = "tag:yaml.org,2002:map"
+
 
 def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
     """Build a `schema` dataclass from its defaults, an optional YAML file and dotted overrides.
@@ -34,6 +39,7 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequ
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file holds, as plain YAML values (no schema)."""
     return _read(path)[1]
 
 
@@ -83,12 +89,6 @@ def _override_node(raw: str) -> yaml.Node:
         except yaml.YAMLError:
             pass
     return yaml.ScalarNode(_STR_TAG, raw)
-
-
-_STR_TAG = "tag:yaml.org,2002:str"
-_NULL_TAG = "tag:yaml.org,2002:null"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MAP_TAG = "tag:yaml.org,2002:map"
 
 
 def _construct(node: yaml.Node) -> Any:
