@@ -1,16 +1,13 @@
-"""`radpretrain demo OUT`: the whole path on a synthetic archive, each finished stage reused on a rerun."""
+"""The demo: the whole path on a synthetic archive, each finished stage reused on a rerun."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from radpretrain.cli import add_config_arguments, split_config_arguments
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +38,6 @@ class DemoConfig:
     finetune_size: int = 64
     finetune_epochs: int = 25
     test_count: int = 40
-
-
-def add_commands(sub: Any) -> None:
-    parser = sub.add_parser(
-        "demo",
-        help="run the whole path on a synthetic archive",
-        description=(
-            "Synthesise a PACS export, shard it, pretrain an encoder with SimCLR + metadata labels, export it "
-            "with a model card, run a few-label lung-segmentation sweep (random vs full vs frozen) and report. "
-            "A second run reuses finished stages. Override the embedded defaults with key=value "
-            "(e.g. files=600 steps=50 for a quick look)."
-        ),
-    )
-    parser.add_argument("out", type=Path, help="folder for everything the demo makes")
-    add_config_arguments(parser)
-    parser.set_defaults(func=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from radpretrain.config import load_config
-
-    config, overrides = split_config_arguments(args)
-    cfg = load_config(DemoConfig, config, overrides)
-    outputs = run_demo(cfg, args.out)
-    print(format_summary(outputs))
-    return 0
 
 
 @dataclass
@@ -110,7 +81,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
 
 def _synth(cfg: DemoConfig, paths: dict[str, Path]) -> Any:
-    from radpretrain.synth.archive import generate
+    from radpretrain.synth import generate
 
     return generate(
         paths["archive"],

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from radpretrain.cli import add_config_arguments, split_config_arguments
-
-log = logging.getLogger(__name__)
+from radpretrain.cli.args import add_config_arguments, split_config_arguments
 
 PRETRAIN_HELP = """\
 Pretrain an encoder on shards with the pretext tasks of CONFIG (YAML; see configs/pretrain/), each

@@ -1,4 +1,4 @@
-"""`radpretrain finetune | sweep | report | analyze`: parse, load the config, call one library function."""
+"""`radpretrain finetune | sweep | report | analyze`: transfer to small labeled cohorts and what it changed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from radpretrain.cli import add_config_arguments, positive_int, split_config_arguments
+from radpretrain.cli.args import add_config_arguments, positive_int, split_config_arguments
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 import os
 import re
@@ -12,16 +11,12 @@ import sys
 from collections.abc import Sequence
 
 from radpretrain import __version__
+from radpretrain.cli import demo, finetune, pretrain, shards
 from radpretrain.errors import RadPretrainError
 
-# Each part adds its own subcommands (parse, load config, call one library function); heavy imports
-# stay inside the handlers so that `--help` is instant.
-COMMAND_MODULES: tuple[str, ...] = (
-    "radpretrain.shards.commands",
-    "radpretrain.finetune.commands",
-    "radpretrain.pretrain.commands",
-    "radpretrain.demo",
-)
+# Each part adds its own subcommands (parse, build a config, call one library function); heavy imports
+# stay inside the handlers so that `--help` is instant. The order is the order of `--help`.
+PARTS = (shards, finetune, pretrain, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.set_defaults(func=None)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+    for part in PARTS:
+        part.add_commands(sub)
     return parser
 
 
@@ -115,40 +110,3 @@ def describe_os_error(exc: OSError) -> str:
     if exc.errno == errno.ENOTDIR and exc.filename:
         return f"part of {exc.filename} is a file where a folder is needed; give a folder path"
     return text + (f": {exc.filename}" if exc.filename else "")
-
-
-# Argument types shared by the parts' command modules.
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got '{text}'") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
-    return value
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """CONFIG file plus `key=value` overrides, as `pretrain`, `finetune` and `sweep` take them."""
-    parser.add_argument("config", nargs="?", help="YAML config file (optional: defaults otherwise)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. optim.lr=1e-4")
-
-
-def split_config_arguments(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """Let the first positional be an override when no config file is given (`pretrain steps=10`)."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        return None, [config, *overrides]
-    return config, overrides

@@ -1,4 +1,4 @@
-"""`radpretrain synth|index|shard|inspect`: the archive-to-shards commands (parse, then call one library function)."""
+"""`radpretrain synth|index|shard|inspect`: the archive-to-shards commands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from radpretrain.cli import fraction, positive_int
+from radpretrain.cli.args import comma_list, fraction, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,8 @@ def _shape(text: str) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def _split(text: str | None) -> list[str] | None:
-    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
-
-
 def _run_synth(args: argparse.Namespace) -> int:
-    from radpretrain.synth.archive import generate
+    from radpretrain.synth import generate
 
     summary = generate(
         args.out,
@@ -90,10 +86,10 @@ def _run_synth(args: argparse.Namespace) -> int:
         masks=args.masks,
         min_size=args.min_size,
         max_size=args.max_size,
-        syntaxes=_split(args.syntaxes),
+        syntaxes=comma_list(args.syntaxes),
         workers=args.workers,
         phi_marker=args.phi_marker,
-        body_parts=_split(args.body_parts),
+        body_parts=comma_list(args.body_parts),
         shape=args.shape,
         bits_stored=args.bits_stored,
         overwrite=args.overwrite,
@@ -182,10 +178,10 @@ def _index_options(args: argparse.Namespace) -> Any:  # an IndexOptions (importe
     return build(
         IndexOptions,
         {
-            "modalities": _split(args.modalities) or [],
+            "modalities": comma_list(args.modalities) or [],
             "include_burned_in": args.include_burned_in,
             "images": args.images,
-            "age_buckets": _split(args.age_buckets) or [],
+            "age_buckets": comma_list(args.age_buckets) or [],
             "plain": {
                 "csv": args.csv,
                 "csv_columns": parse_csv_columns(args.csv_columns),
