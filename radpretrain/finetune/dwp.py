@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radpretrain.errors import ConfigError
+from radpretrain.files import atomic_path, write_text
 from radpretrain.finetune.config import DwpConfig
 
 log = logging.getLogger(__name__)
@@ -170,9 +171,11 @@ class KernelPrior(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "prior.safetensors"))
+        # Weights first, each file whole: a prior.json (what `load_or_train_prior` looks for) means a whole prior.
+        with atomic_path(folder / "prior.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
         meta = {"kernel_dims": self.kernel_dims, "latent": self.latent, "hidden": self.hidden}
-        (folder / "prior.json").write_text(json.dumps(meta, indent=2))
+        write_text(folder / "prior.json", json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> KernelPrior:

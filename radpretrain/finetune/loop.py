@@ -2,292 +2,29 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import math
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from radpretrain import intensity
 from radpretrain.config import save_config
 from radpretrain.errors import CohortError, ConfigError, NonFiniteLossError
+from radpretrain.files import atomic_path, write_text
+from radpretrain.finetune.build import Built, build_model, outputs_of, task_of
 from radpretrain.finetune.config import FinetuneConfig
-from radpretrain.finetune.strategies import (
-    Phase,
-    Strategy,
-    StrategySpec,
-    TransferContext,
-    build_strategy,
-    parse_spec,
-    under,
-)
+from radpretrain.finetune.metrics import evaluate, make_loss
+from radpretrain.finetune.strategies import Phase, under
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from radpretrain.data.cohorts import Case, Cohort
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Built:
-    """A model ready to train, with the strategy that shaped it and how it was made."""
-
-    model: nn.Module
-    strategy: Strategy
-    spec: StrategySpec
-    ctx: TransferContext
-    #: The encoder's card when it came from an exported folder (None: built from a timm name or a baseline).
-    card: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# What the cohort asks for.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def task_of(cohort: Cohort) -> str:
-    """ "seg" or "cls"."""
-    return str(cohort.task)
-
-
-def num_classes(cohort: Cohort) -> int:
-    """Classes of a classification cohort (its `classes`, at least two); regression targets are refused."""
-    if any(isinstance(case.target, float) for case in cohort.cases):
-        raise CohortError("the cohort's labels are non-integer numbers (regression); finetune classifies or segments")
-    if len(cohort.classes) < 2:
-        raise CohortError(
-            f"a classification cohort needs at least two classes, found {len(cohort.classes)} "
-            f"({', '.join(cohort.classes) or 'none'}); check the label column"
-        )
-    return len(cohort.classes)
-
-
-def outputs_of(cohort: Cohort) -> int:
-    return 1 if task_of(cohort) == "seg" else num_classes(cohort)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Building the model.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def is_encoder_folder(value: str) -> bool:
-    """Whether `encoder` names an exported encoder (a path) rather than a timm architecture name."""
-    path = Path(value)
-    return path.is_dir() or path.suffix in (".json", ".safetensors") or "/" in value or "\\" in value
-
-
-def load_checked_encoder(path: str | Path, cfg: FinetuneConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """Load an exported encoder, refusing one whose intensity convention, channels or input size do not fit."""
-    from radpretrain.models.encoders import load_encoder, read_card
-
-    card = read_card(path)
-    intensity.check_convention(str(card.get("intensity_convention")), f"encoder {path}")
-    if int(card["in_chans"]) != 1:
-        raise ConfigError(
-            f"encoder {path} takes {card['in_chans']} input channels but cohort images have 1; "
-            "export an encoder built with in_chans=1"
-        )
-    fixed = fixed_input_size(card)
-    if fixed is not None and fixed != cfg.size:
-        raise ConfigError(
-            f"encoder {path} has a fixed input size of {fixed} px but size={cfg.size}; set size={fixed} "
-            "(or export an encoder built for this size)"
-        )
-    return load_encoder(path).train(), card
-
-
-def fixed_input_size(card: dict[str, Any]) -> int | None:
-    """The input side an exported encoder requires (ViTs: their position embeddings), None for CNNs."""
-    import timm
-
-    pretrained_cfg = timm.models.get_pretrained_cfg(str(card["timm_name"]))
-    size = card.get("img_size")
-    if pretrained_cfg is None or not pretrained_cfg.fixed_input_size or size is None:
-        return None
-    return int(size)
-
-
-def build_model(cfg: FinetuneConfig, cohort: Cohort, device: str | torch.device = "cpu") -> Built:
-    """Encoder (exported folder or timm name) -> strategy init -> (inflation) -> head -> strategy wrap."""
-    from radpretrain.models.encoders import build_encoder, encoder_stages
-
-    spec = parse_spec(cfg.strategy)
-    strategy = build_strategy(spec)
-    outputs = outputs_of(cohort)
-    dims = int(cohort.spatial_dims)
-
-    if cfg.model is not None:
-        return _build_baseline(cfg, cohort, spec, strategy, outputs, dims)
-
-    card: dict[str, Any] | None = None
-    if is_encoder_folder(cfg.encoder):
-        encoder, card = load_checked_encoder(cfg.encoder, cfg)
-    else:
-        if type(strategy).needs_pretrained:
-            raise ConfigError(
-                f"strategy '{spec}' transfers pretrained weights but encoder '{cfg.encoder}' is not an exported "
-                "encoder folder; give encoder=<folder written by radpretrain export> or use strategy random"
-            )
-        encoder = build_encoder(cfg.encoder, img_size=cfg.size if dims == 2 else None)
-
-    sources: list[nn.Module] = []
-    if spec.name == "dwp":
-        sources = _dwp_sources(cfg, encoder, card)
-    ctx = TransferContext(
-        stages=encoder_stages(encoder), options=cfg.options, dwp=cfg.dwp, sources=sources, seed=cfg.seed, device=device
-    )
-    strategy.init_encoder(encoder, ctx)
-    if dims == 3:
-        from radpretrain.models.inflate import inflate
-
-        encoder = inflate(encoder, cfg.inflate)
-    model = _with_head(encoder, cohort, outputs, dims)
-    strategy.wrap(model, ctx)
-    return Built(model, strategy, spec, ctx, card)
-
-
-def _dwp_sources(cfg: FinetuneConfig, encoder: nn.Module, card: dict[str, Any] | None) -> list[nn.Module]:
-    from radpretrain.models.encoders import read_card
-
-    if not cfg.dwp.sources:
-        if card is None:
-            raise ConfigError("strategy dwp needs source kernels: set dwp.sources or give a pretrained encoder folder")
-        return [copy.deepcopy(encoder)]
-    name = card["timm_name"] if card is not None else cfg.encoder
-    sources = []
-    for path in cfg.dwp.sources:
-        source_name = read_card(path)["timm_name"]
-        if source_name != name:
-            raise ConfigError(
-                f"dwp source {path} is a '{source_name}' encoder but the target is '{name}'; the prior groups "
-                "kernels by stage, so sources must share the target's architecture"
-            )
-        sources.append(load_checked_encoder(path, cfg)[0])
-    return sources
-
-
-def _with_head(encoder: nn.Module, cohort: Cohort, outputs: int, dims: int) -> nn.Module:
-    if task_of(cohort) == "seg":
-        from radpretrain.models.unet import SegmentationModel
-
-        return SegmentationModel(encoder, outputs, spatial_dims=dims)
-    from radpretrain.models.heads import Classifier
-
-    return Classifier(encoder, outputs)
-
-
-def _build_baseline(
-    cfg: FinetuneConfig, cohort: Cohort, spec: StrategySpec, strategy: Strategy, outputs: int, dims: int
-) -> Built:
-    from radpretrain.models.baselines3d import MODELS
-
-    assert cfg.model is not None
-
-    if type(strategy).needs_pretrained:
-        raise ConfigError(
-            f"model={cfg.model} is a from-scratch baseline without a pretrained encoder; use strategy random "
-            f"(or weak+random / weak-only), not '{spec}'"
-        )
-    if task_of(cohort) != "seg":
-        raise ConfigError(f"model={cfg.model} segments; cohort kind '{cohort.kind}' needs an encoder and a classifier")
-    model = MODELS.get(cfg.model)(spatial_dims=dims, in_channels=1, out_channels=outputs)
-    return Built(model, strategy, spec, TransferContext(stages=[]), None)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Loss and metrics.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def make_loss(task: str, cfg: FinetuneConfig) -> nn.Module:
-    """Dice + BCE (MONAI DiceCELoss: BCE for one sigmoid channel) for segmentation, cross-entropy otherwise."""
-    if task == "seg":
-        from monai.losses import DiceCELoss
-
-        return DiceCELoss(sigmoid=True, lambda_dice=cfg.loss.dice_weight, lambda_ce=cfg.loss.bce_weight)
-    return nn.CrossEntropyLoss()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset: Any, task: str, loss_fn: nn.Module, device: torch.device, batch_size: int
-) -> dict[str, float]:
-    """Metrics over a dataset: Dice, IoU, HD95 (MONAI; pixels/voxels) or AUROC (MONAI), accuracy and
-    balanced accuracy (scikit-learn); plus the mean loss."""
-    from torch.utils.data import DataLoader
-
-    model.eval()
-    losses: list[float] = []
-    preds: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        image, target = batch["image"].to(device), batch["target"].to(device)
-        logits = model(image).float()
-        losses.append(float(loss_fn(logits, target)) * image.shape[0])
-        preds.append(logits.cpu())
-        targets.append(target.cpu())
-    logits, target = torch.cat(preds), torch.cat(targets)
-    metrics = {"loss": sum(losses) / len(dataset)}
-    metrics.update(segmentation_metrics(logits, target) if task == "seg" else classification_metrics(logits, target))
-    return metrics
-
-
-def segmentation_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Mean Dice and IoU (an empty mask predicted empty scores 1) and mean HD95 over cases where it is finite."""
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
-
-    pred = (logits.sigmoid() > 0.5).float()
-    truth = (target > 0.5).float()
-    dice = cast(torch.Tensor, DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
-    iou = cast(torch.Tensor, MeanIoU(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
-    with warnings.catch_warnings():
-        # An empty prediction or mask has no surface: MONAI warns and gives NaN/inf for that case.
-        warnings.simplefilter("ignore")
-        hd = cast(
-            torch.Tensor, HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(pred, truth)
-        )
-    hd = hd.flatten()
-    finite = hd[torch.isfinite(hd)]
-    return {
-        "dice": float(dice.mean()),
-        "iou": float(iou.mean()),
-        "hd95": float(finite.mean()) if finite.numel() else math.nan,
-    }
-
-
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """AUROC (macro over classes; NaN when the cases hold one class only), accuracy, balanced accuracy."""
-    from monai.metrics import ROCAUCMetric
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
-
-    probs = logits.softmax(dim=1)
-    labels = target.long().flatten()
-    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).float()
-    metric = ROCAUCMetric(average="macro")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if probs.shape[1] == 2:
-            metric(probs[:, 1:], onehot[:, 1:])
-        else:
-            metric(probs, onehot)
-        auroc = float(cast(float, metric.aggregate()))
-    predicted = probs.argmax(dim=1).numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn warns when a class is absent from the cases
-        balanced = float(balanced_accuracy_score(labels.numpy(), predicted))
-    return {"auroc": auroc, "accuracy": float(accuracy_score(labels.numpy(), predicted)), "balanced_accuracy": balanced}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -338,11 +75,15 @@ def fit(
     cfg: FinetuneConfig,
     epochs: int,
     accelerator: Accelerator,
-    kl_scale: float,
+    loss_values: int,
     phases: list[Phase],
     stage: str,
 ) -> FitResult:
-    """Adam per phase; ReduceLROnPlateau + early stopping on the validation loss, or cosine; keep the best epoch."""
+    """Adam per phase; ReduceLROnPlateau + early stopping on the validation loss, or cosine; keep the best epoch.
+
+    `loss_values`: how many values the task loss averages over in one pass over `train_set` (cases, times
+    pixels or voxels for masks); the strategy's regulariser divides by it to sit on the task loss's scale.
+    """
     from torch.utils.data import DataLoader, RandomSampler
     from tqdm.auto import tqdm
 
@@ -382,8 +123,9 @@ def fit(
             for batch in loader:
                 logits = wrapped(batch["image"])
                 task_loss = loss_fn(logits.float(), batch["target"])
-                reg = strategy.regulariser(model)
-                kl = reg * kl_scale if reg is not None else torch.zeros((), device=task_loss.device)
+                # The strategy's term (if any) is logged as "kl", the name the log format has always used.
+                reg = strategy.regulariser(model, loss_values)
+                kl = reg if reg is not None else torch.zeros((), device=task_loss.device)
                 loss = task_loss + kl
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(step, {"task": task_loss.item(), "kl": kl.item()})
@@ -510,7 +252,7 @@ def train_and_evaluate(
                 cfg=cfg,
                 epochs=cfg.weak.epochs,
                 accelerator=accelerator,
-                kl_scale=cfg.dwp.kl_weight / (len(weak_train) * voxels),
+                loss_values=len(weak_train) * voxels,
                 phases=[Phase("weak", 1.0)],
                 stage="weak",
             )
@@ -530,7 +272,7 @@ def train_and_evaluate(
                 cfg=cfg,
                 epochs=cfg.epochs,
                 accelerator=accelerator,
-                kl_scale=cfg.dwp.kl_weight / (len(train_cases) * voxels),
+                loss_values=len(train_cases) * voxels,
                 phases=phases,
                 stage="finetune",
             )
@@ -570,18 +312,15 @@ def write_run(out: Path, cfg: FinetuneConfig, built: Built, result: dict[str, An
     """config.yaml, log.jsonl, metrics.json and, with save_model, model.safetensors and the 2D encoder/."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    with (out / "log.jsonl").open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out / "log.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     if not cfg.save_model:
         return
     from safetensors.torch import save_file
 
-    from radpretrain.finetune.dwp import to_deterministic
-
     state = {k: v.detach().cpu().contiguous() for k, v in built.model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"strategy": str(built.spec)})
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"strategy": str(built.spec)})
     encoder = getattr(built.model, "encoder", None)
     if encoder is not None and hasattr(encoder, "radpretrain_build") and result["spatial_dims"] == 2:
         from radpretrain.models.encoders import save_encoder
@@ -596,4 +335,4 @@ def write_run(out: Path, cfg: FinetuneConfig, built: Built, result: dict[str, An
             "source_encoder": (built.card or {}).get("timm_name"),
             "input_size": cfg.size,
         }
-        save_encoder(to_deterministic(encoder), out / "encoder", card)
+        save_encoder(built.strategy.exportable(encoder), out / "encoder", card)

@@ -7,17 +7,22 @@
 - [2] The Deep Weight Prior, Atanov et al. 2018, https://arxiv.org/abs/1810.06943 (see `dwp.py`)
 - [3] Delving Deep into Rectifiers, He et al. 2015, https://arxiv.org/abs/1502.01852 (He init)
 
-A strategy acts in up to four places, all called by the finetune loop: `init_encoder` changes the 2D
-encoder's weights before the model is built around it, `wrap` changes the built model, `phases` says
-which parameters train in which share of the epochs, and `regulariser` adds a term to the loss.
+A strategy acts in up to six places, all called by the finetune build and loop, which never name a
+strategy: `prepare` gathers what the strategy needs besides the encoder (the DWP's source encoders),
+`init_encoder` changes the 2D encoder's weights before the model is built around it, `wrap` changes the
+built model, `phases` says which parameters train in which share of the epochs, `regulariser` adds a term
+to the loss, and `exportable` turns the finetuned encoder back into plain timm layers for export.
 Specs are `name` or `name:arg` (`transfusion:2`); `weak+NAME` first trains NAME's model on a weak-label
 cohort and then finetunes it on the labeled one, `weak-only` trains on the weak-label cohort alone.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -55,6 +60,18 @@ class TransferContext:
 
 
 @dataclass(frozen=True)
+class EncoderOrigin:
+    """Where the target encoder came from, for a strategy that gathers more encoders like it."""
+
+    #: The target's timm architecture name.
+    name: str
+    #: The target's card when it came from an exported folder (None: built from a timm name).
+    card: dict[str, Any] | None
+    #: Loads another exported encoder with the checks the target passed (convention, channels, size).
+    load: Callable[[str | Path], nn.Module]
+
+
+@dataclass(frozen=True)
 class StrategySpec:
     """A parsed strategy spec: the registered name, its argument and the weak-label stage."""
 
@@ -79,6 +96,10 @@ class Strategy:
         if arg is not None and not self.takes_arg:
             raise ConfigError(f"strategy '{type(self).__name__.lower()}' takes no ':{arg}' argument; remove it")
 
+    def prepare(self, encoder: nn.Module, ctx: TransferContext, origin: EncoderOrigin) -> None:
+        """Gather what the strategy needs besides the 2D encoder into `ctx`, before `init_encoder` (default:
+        nothing)."""
+
     def init_encoder(self, encoder: nn.Module, ctx: TransferContext) -> None:
         """Change the 2D encoder's weights in place before the model is built (default: keep them)."""
 
@@ -88,9 +109,15 @@ class Strategy:
     def phases(self, ctx: TransferContext) -> list[Phase]:
         return [Phase("train", 1.0)]
 
-    def regulariser(self, model: nn.Module) -> torch.Tensor | None:
-        """A term to add to the loss (in nats over the whole training set; the loop scales it)."""
+    def regulariser(self, model: nn.Module, loss_values: int) -> torch.Tensor | None:
+        """A term to add to the task loss (default: none). The task loss averages over `loss_values` values
+        per pass over the training set (cases, times pixels or voxels for masks): a term defined over the
+        whole training set divides by it."""
         return None
+
+    def exportable(self, encoder: nn.Module) -> nn.Module:
+        """The finetuned 2D encoder as plain timm layers, for export (default: as it is)."""
+        return encoder
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
@@ -278,6 +305,29 @@ class DeepWeightPrior(Strategy):
         self.layers: dict[str, str] = {}
         self.prior: nn.Module | None = None
         self.kernel_sample = 0
+        self.kl_weight = 1.0
+
+    def prepare(self, encoder: nn.Module, ctx: TransferContext, origin: EncoderOrigin) -> None:
+        """The source encoders: `dwp.sources`, else the pretrained target itself (a copy, before any change)."""
+        from radpretrain.models.encoders import read_card
+
+        if not ctx.dwp.sources:
+            if origin.card is None:
+                raise ConfigError(
+                    "strategy dwp needs source kernels: set dwp.sources or give a pretrained encoder folder"
+                )
+            ctx.sources = [copy.deepcopy(encoder)]
+            return
+        sources = []
+        for path in ctx.dwp.sources:
+            source_name = read_card(path)["timm_name"]
+            if source_name != origin.name:
+                raise ConfigError(
+                    f"dwp source {path} is a '{source_name}' encoder but the target is '{origin.name}'; the prior "
+                    "groups kernels by stage, so sources must share the target's architecture"
+                )
+            sources.append(origin.load(path))
+        ctx.sources = sources
 
     def wrap(self, model: nn.Module, ctx: TransferContext) -> None:
         from radpretrain.finetune import dwp
@@ -291,9 +341,18 @@ class DeepWeightPrior(Strategy):
         self.layers = dwp.make_variational(encoder, prior, ctx.stages, ctx.dwp, generator=generator)
         self.prior = prior.to(ctx.device)
         self.kernel_sample = ctx.dwp.kernel_sample
+        self.kl_weight = ctx.dwp.kl_weight
 
-    def regulariser(self, model: nn.Module) -> torch.Tensor | None:
+    def regulariser(self, model: nn.Module, loss_values: int) -> torch.Tensor | None:
+        """The KL bound (nats over the whole training set), weighted by `dwp.kl_weight` per loss value."""
         from radpretrain.finetune import dwp
 
         assert isinstance(self.prior, dwp.KernelPrior), "wrap() must run before regulariser()"
-        return dwp.kl_bound(getattr(model, ENCODER), self.layers, self.prior, kernel_sample=self.kernel_sample)
+        kl = dwp.kl_bound(getattr(model, ENCODER), self.layers, self.prior, kernel_sample=self.kernel_sample)
+        return kl * (self.kl_weight / loss_values)
+
+    def exportable(self, encoder: nn.Module) -> nn.Module:
+        """A copy whose variational convolutions are plain ones holding the posterior means."""
+        from radpretrain.finetune import dwp
+
+        return dwp.to_deterministic(encoder)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import numpy as np
 
 from radpretrain.config import save_config, to_dict
 from radpretrain.errors import CohortError, ConfigError
+from radpretrain.files import changed_settings, flatten, write_text
 from radpretrain.finetune.config import FinetuneConfig, SweepConfig
 
 if TYPE_CHECKING:
@@ -180,15 +180,13 @@ def finished_cells(results: Path) -> set[str]:
     repaired = "".join(line + "\n" for line in kept)
     if repaired != text:
         log.warning("sweep: dropped %d torn line(s) from %s", len(text.splitlines()) - len(kept), results.name)
-        tmp = results.with_name(results.name + ".tmp")
-        tmp.write_text(repaired)
-        os.replace(tmp, results)
+        write_text(results, repaired)
     return done
 
 
 def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
     """Refuse a grid that cannot run before any cell runs: label counts, strategy specs, encoders."""
-    from radpretrain.finetune.loop import is_encoder_folder
+    from radpretrain.finetune.build import is_encoder_folder
     from radpretrain.finetune.strategies import STRATEGIES, parse_spec
 
     too_many = [n for n in cfg.label_counts if n > len(pool)]
@@ -222,7 +220,7 @@ def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
 
 def _check_names(cfg: SweepConfig) -> None:
     """Unknown encoder and model names fail now, not when their first cell runs."""
-    from radpretrain.finetune.loop import is_encoder_folder
+    from radpretrain.finetune.build import is_encoder_folder
     from radpretrain.models.baselines3d import MODELS
     from radpretrain.models.encoders import check_encoder_name
 
@@ -250,25 +248,13 @@ def check_same_settings(saved: Path, cfg: SweepConfig) -> None:
     now = to_dict(cfg)
     fixed_before: dict[str, Any] = {k: before[k] for k in ("seed", "test_count", "test_fraction") if k in before}
     fixed_before["finetune"] = {k: v for k, v in (before.get("finetune") or {}).items() if k not in FREE_SETTINGS}
-    changed = _differences(fixed_before, now)
+    # Keys the saved file lacks (settings added to radpretrain since) are not changes.
+    changed = changed_settings(fixed_before, now, keys=flatten(fixed_before))
     if changed:
         raise ConfigError(
             f"{saved.parent} holds results made with other settings ({'; '.join(changed)}); give a new out "
             "folder, or restore the settings to resume"
         )
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key: old -> new` for values that changed; keys the saved file lacks (settings added to radpretrain
-    since) are not changes."""
-    changed = []
-    for key, old in before.items():
-        new = now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changed += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            changed.append(f"{prefix}{key}: {old!r} -> {new!r}")
-    return changed
 
 
 def run_sweep(cfg: SweepConfig) -> Path:

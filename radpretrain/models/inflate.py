@@ -36,8 +36,8 @@ RANK_AGNOSTIC: set[str] = {
     "timm.models.resnet.ResNet",
     "timm.models.resnet.BasicBlock",
     "timm.models.resnet.Bottleneck",
-    "radpretrain.models.encoders.CBRNet",
-    "radpretrain.models.encoders.CBRBlock",
+    "radpretrain.models.cbr.CBRNet",
+    "radpretrain.models.cbr.CBRBlock",
 }
 
 # Why some well-known 2D-only layers cannot be inflated, for the error message.

@@ -219,7 +219,7 @@ def model_card(card: dict[str, Any], encoder_name: str) -> str:
         'encoder = radpretrain.load_encoder("path/to/this/folder")  # a timm module, forward(x) -> (B, features)',
         "```",
         "",
-        "or into plain timm (after `import radpretrain` for the CBR models):",
+        "or into plain timm (after `import radpretrain.models` for the CBR models):",
         "",
         "```python",
         "import timm, safetensors.torch",

@@ -1,12 +1,15 @@
-"""The finetune loop: every registered strategy trains, frozen parts stay put, metrics, encoder checks, weak labels."""
+"""The finetune loop: every registered strategy trains, frozen parts stay put, encoder checks, weak labels, and the
+loop never names a strategy."""
 
 from __future__ import annotations
 
+import ast
 import json
-import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,13 +17,15 @@ from safetensors.torch import load_file
 from radpretrain.cli import main
 from radpretrain.data.cohorts import Case, load_cohort
 from radpretrain.errors import CohortError, ConfigError
-from radpretrain.finetune import loop
+from radpretrain.finetune import build, loop
 from radpretrain.finetune.config import DwpConfig, FinetuneConfig, WeakConfig
-from radpretrain.finetune.strategies import STRATEGIES
+from radpretrain.finetune.strategies import STRATEGIES, Phase
 from radpretrain.finetune.sweep import run_finetune
 from radpretrain.models.encoders import build_encoder, save_encoder
 
 from .conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #: A spec for each registered strategy (those that take an argument get one).
 SPECS = {name: ("transfusion:2" if name == "transfusion" else name) for name in STRATEGIES.names()}
@@ -78,9 +83,9 @@ def test_every_strategy_builds_and_trains(name, lung_cohort, pretrained_encoder,
 def test_lp_ft_probe_phase_leaves_the_encoder_alone(lung_cohort, pretrained_encoder, tmp_path):
     # One probe epoch and no finetune epoch: the encoder must come out exactly as it went in.
     cfg = tiny(lung_cohort, pretrained_encoder, tmp_path, strategy="lp-ft", epochs=1)
-    assert loop.split_epochs([loop.Phase("a", 0.5), loop.Phase("b", 0.5)], 1) == [1, 1]
+    assert loop.split_epochs([Phase("a", 0.5), Phase("b", 0.5)], 1) == [1, 1]
     cfg.options.lp_fraction = 0.9
-    built = loop.build_model(cfg, load_cohort(lung_cohort, structure="lungs"))
+    built = build.build_model(cfg, load_cohort(lung_cohort, structure="lungs"))
     phases = built.strategy.phases(built.ctx)
     assert loop.split_epochs(phases, 10) == [9, 1]
     reference = {k: v.clone() for k, v in built.model.encoder.state_dict().items()}
@@ -92,39 +97,6 @@ def test_lp_ft_probe_phase_leaves_the_encoder_alone(lung_cohort, pretrained_enco
     built.model(torch.randn(4, 1, 32, 32)).mean().backward()
     for k, v in built.model.encoder.state_dict().items():
         assert torch.equal(v, reference[k]), k
-
-
-def test_segmentation_metrics_match_hand_computation():
-    truth = torch.zeros(2, 1, 16, 16)
-    truth[0, 0, 4:8, 4:8] = 1  # 16 pixels
-    truth[1, 0, 2:12, 2:12] = 1
-    pred = torch.zeros_like(truth)
-    pred[0, 0, 4:8, 6:10] = 1  # shifted 2 px: overlap 8
-    pred[1, 0, 2:12, 2:12] = 1
-    logits = pred * 20 - 10
-    m = loop.segmentation_metrics(logits, truth)
-    # Dice 2*8/32 = 0.5 and 1; IoU 8/24 and 1.
-    assert m["dice"] == pytest.approx((0.5 + 1.0) / 2)
-    assert m["iou"] == pytest.approx((8 / 24 + 1.0) / 2)
-    # Surface points of a 2-px shift are at most 2 px from the other surface; identical masks: 0.
-    assert 0.0 < m["hd95"] <= 1.0 + 1e-6
-    empty = loop.segmentation_metrics(torch.full_like(truth, -10.0), truth)
-    assert empty["dice"] == 0.0 and math.isnan(empty["hd95"])
-
-
-def test_classification_metrics_match_sklearn():
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
-    rng = np.random.default_rng(0)
-    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0, 1, 0])
-    logits = torch.from_numpy(rng.normal(size=(10, 2))).float() + torch.nn.functional.one_hot(labels, 2) * 0.8
-    m = loop.classification_metrics(logits, labels)
-    probs = logits.softmax(1).numpy()
-    assert m["auroc"] == pytest.approx(roc_auc_score(labels.numpy(), probs[:, 1]))
-    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels.numpy(), probs.argmax(1)))
-    three = torch.tensor([0, 1, 2, 2, 1, 0])
-    m3 = loop.classification_metrics(torch.nn.functional.one_hot(three, 3).float() * 5, three)
-    assert m3 == {"auroc": pytest.approx(1.0), "accuracy": 1.0, "balanced_accuracy": 1.0}
 
 
 def test_classification_cohort_end_to_end_through_the_cli(body_part_cohort, pretrained_encoder, tmp_path, capsys):
@@ -163,8 +135,8 @@ def test_encoders_that_do_not_fit_are_refused(lung_cohort, pretrained_encoder, t
     with pytest.raises(ConfigError, match="takes 3 input channels but cohort images have 1"):
         run_finetune(tiny(lung_cohort, tmp_path / "rgb", tmp_path / "b"))
     # A CNN exported at 64 px takes any size; a ViT's position embeddings fix its input size.
-    assert loop.fixed_input_size({"timm_name": "test_resnet", "img_size": 64}) is None
-    assert loop.fixed_input_size({"timm_name": "test_vit", "img_size": 64}) == 64
+    assert build.fixed_input_size({"timm_name": "test_resnet", "img_size": 64}) is None
+    assert build.fixed_input_size({"timm_name": "test_vit", "img_size": 64}) == 64
     save_encoder(build_encoder("test_vit", img_size=64), tmp_path / "vit", {})
     with pytest.raises(ConfigError, match="fixed input size of 64 px but size=32; set size=64"):
         run_finetune(tiny(lung_cohort, tmp_path / "vit", tmp_path / "c"))
@@ -217,3 +189,40 @@ def test_from_scratch_3d_baseline_on_real_volumes(tmp_path):
     cfg.strategy = "full"
     with pytest.raises(ConfigError, match="from-scratch baseline without a pretrained encoder"):
         run_finetune(cfg)
+
+
+@pytest.mark.parametrize("module", [loop, build])
+def test_the_loop_and_the_build_never_name_a_strategy(module):
+    # Strategy-specific work goes through the registry entry's hooks, so a new strategy needs no loop change.
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = set(STRATEGIES.names())
+    literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in names}
+    assert not literals, f"{module.__name__} names strategies {sorted(literals)}; give the strategy a hook instead"
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    assert "radpretrain.finetune.dwp" not in imported
+
+
+def test_only_a_dwp_run_imports_the_deep_weight_prior(lung_cohort, pretrained_encoder, tmp_path):
+    # A fresh interpreter: in this one the dwp tests have imported it already.
+    code = f"""
+import sys
+from radpretrain.finetune.config import DwpConfig, FinetuneConfig
+from radpretrain.finetune.sweep import run_finetune
+
+def run(strategy):
+    run_finetune(FinetuneConfig(
+        cohort={str(lung_cohort)!r}, structure="lungs", encoder={str(pretrained_encoder)!r}, size=32, epochs=1,
+        batch_size=4, n_train=4, cpu=True, progress=False, out={str(tmp_path)!r} + "/" + strategy,
+        strategy=strategy, dwp=DwpConfig(vae_steps=2, vae_batch=64, hidden=8, kernel_sample=64),
+    ))
+    return "radpretrain.finetune.dwp" in sys.modules
+
+print(run("full"), run("dwp"))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+import yaml
 
 from radpretrain.cli import main
-from radpretrain.config import load_config
+from radpretrain.config import load_config, to_dict
 from radpretrain.data.cohorts import Case
 from radpretrain.errors import CohortError, ConfigError
-from radpretrain.finetune import sweep
+from radpretrain.finetune import loop, sweep
 from radpretrain.finetune.config import SweepConfig
 
 from .conftest import SHARED_DATA
@@ -21,7 +21,20 @@ def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_lung_sweep_runs_pairs_and_resumes(lung_cohort, pretrained_encoder, tmp_path):
+def counted(monkeypatch) -> list[str]:
+    """Record the strategy of every cell the sweep trains from now on (it still trains them)."""
+    trained: list[str] = []
+    real = loop.train_and_evaluate
+
+    def train_and_evaluate(cfg, *args, **kwargs):
+        trained.append(cfg.strategy)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", train_and_evaluate)
+    return trained
+
+
+def test_lung_sweep_runs_pairs_and_resumes(lung_cohort, pretrained_encoder, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     args = [
         "sweep",
@@ -56,16 +69,15 @@ def test_lung_sweep_runs_pairs_and_resumes(lung_cohort, pretrained_encoder, tmp_
     assert "| random |" in (out / "report.md").read_text() and (out / "learning_curve.png").is_file()
 
     # Resume: a rerun finds nothing to do; a cell whose line was lost (killed mid-write) is redone alone.
-    started = time.perf_counter()
+    trained = counted(monkeypatch)
     assert main(args) == 0
-    assert len(lines(out / "results.jsonl")) == 12
-    assert time.perf_counter() - started < 20
+    assert len(lines(out / "results.jsonl")) == 12 and trained == []
     text = (out / "results.jsonl").read_text().splitlines()
     lost = json.loads(text[5])["cell"]
     (out / "results.jsonl").write_text("\n".join(text[:5] + text[6:]) + "\n" + text[5][:40])
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.endswith("}")]
-    assert len(rows) == 12 and rows[-1]["cell"] == lost
+    assert len(rows) == 12 and rows[-1]["cell"] == lost and len(trained) == 1
     # Resuming with settings that change what a cell measures is refused; how it runs may change.
     with pytest.raises(ConfigError, match=r"other settings \(finetune\.epochs: 2 -> 3\)"):
         sweep.run_sweep(load_config(SweepConfig, None, [*args[1:], "finetune.epochs=3"]))
@@ -147,3 +159,17 @@ def test_splits_are_patient_level_seeded_and_exact():
         sweep.draw_labeled(pool, 25, seed=0)
     with pytest.raises(CohortError, match="leaves nothing to train on"):
         sweep.split_test(cases(1, 5), count=2)
+
+
+def test_resuming_compares_the_settings_the_saved_sweep_has(tmp_path):
+    def cfg(*overrides: str) -> SweepConfig:
+        return load_config(SweepConfig, None, ["finetune.epochs=2", f"out={tmp_path}", *overrides])
+
+    saved = tmp_path / "sweep.yaml"
+    values = to_dict(cfg())
+    del values["finetune"]["size"]  # a setting added to radpretrain after this sweep ran: not a change
+    saved.write_text(yaml.safe_dump(values))
+    sweep.check_same_settings(saved, cfg("finetune.size=96"))
+    sweep.check_same_settings(saved, cfg("finetune.workers=3", "finetune.progress=false"))  # how cells run
+    with pytest.raises(ConfigError, match=r"other settings \(seed: 0 -> 1; finetune\.epochs: 2 -> 3\)"):
+        sweep.check_same_settings(saved, cfg("finetune.epochs=3", "seed=1"))

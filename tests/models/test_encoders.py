@@ -1,4 +1,4 @@
-"""Encoders: every documented name builds with one channel, CBR models live in timm, export round-trips."""
+"""Encoders: every documented name builds with one channel, stages partition the parameters, export round-trips."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from radpretrain import intensity
 from radpretrain.errors import ConfigError
 from radpretrain.models.encoders import (
     CARD_FILE,
-    CBR_CONFIGS,
     ENCODERS,
     WEIGHTS_FILE,
     build_encoder,
@@ -44,29 +43,6 @@ def test_documented_encoder_builds_with_one_channel(name: str) -> None:
     # the input layer takes exactly one channel
     first = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d))
     assert first.in_channels == 1
-
-
-@pytest.mark.parametrize("name", sorted(CBR_CONFIGS))
-def test_cbr_models_are_registered_in_timm_with_the_paper_layout(name: str) -> None:
-    assert timm.is_model(name)
-    model = timm.create_model(name, in_chans=1, num_classes=0)
-    kernel, channels = CBR_CONFIGS[name]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert [c.out_channels for c in convs] == list(channels)
-    assert {c.kernel_size for c in convs} == {(kernel, kernel)}
-    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
-    assert len(pools) == len(channels) and all(p.kernel_size == 3 and p.stride == 2 for p in pools)
-    features = timm.create_model(name, in_chans=1, features_only=True, out_indices=(0, len(channels) - 1))
-    out = features(torch.randn(1, 1, 32, 32))
-    assert [o.shape[1] for o in out] == [channels[0], channels[-1]]
-
-
-def test_paper_channel_table() -> None:
-    # Transfusion, Raghu et al. 2019: LargeT 5 blocks, LargeW/Small/Tiny 4; Tiny uses 5x5 kernels, the others 7x7.
-    assert CBR_CONFIGS["cbr_large_tall"] == (7, (32, 64, 128, 256, 512))
-    assert CBR_CONFIGS["cbr_large_wide"] == (7, (64, 128, 256, 512))
-    assert CBR_CONFIGS["cbr_small"] == (7, (32, 64, 128, 256))
-    assert CBR_CONFIGS["cbr_tiny"] == (5, (64, 128, 256, 512))
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit", "cbr_small"])

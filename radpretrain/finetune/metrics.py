@@ -1,0 +1,91 @@
+"""The finetune loss and the scores of a finished model: Dice, IoU, HD95 for masks; AUROC, accuracies for classes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from radpretrain.finetune.config import FinetuneConfig
+
+
+def make_loss(task: str, cfg: FinetuneConfig) -> nn.Module:
+    """Dice + BCE (MONAI DiceCELoss: BCE for one sigmoid channel) for segmentation, cross-entropy otherwise."""
+    if task == "seg":
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(sigmoid=True, lambda_dice=cfg.loss.dice_weight, lambda_ce=cfg.loss.bce_weight)
+    return nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Any, task: str, loss_fn: nn.Module, device: torch.device, batch_size: int
+) -> dict[str, float]:
+    """Metrics over a dataset: Dice, IoU, HD95 (MONAI; pixels/voxels) or AUROC (MONAI), accuracy and
+    balanced accuracy (scikit-learn); plus the mean loss."""
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    losses: list[float] = []
+    preds: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        image, target = batch["image"].to(device), batch["target"].to(device)
+        logits = model(image).float()
+        losses.append(float(loss_fn(logits, target)) * image.shape[0])
+        preds.append(logits.cpu())
+        targets.append(target.cpu())
+    logits, target = torch.cat(preds), torch.cat(targets)
+    metrics = {"loss": sum(losses) / len(dataset)}
+    metrics.update(segmentation_metrics(logits, target) if task == "seg" else classification_metrics(logits, target))
+    return metrics
+
+
+def segmentation_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Mean Dice and IoU (an empty mask predicted empty scores 1) and mean HD95 over cases where it is finite."""
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+
+    pred = (logits.sigmoid() > 0.5).float()
+    truth = (target > 0.5).float()
+    dice = cast(torch.Tensor, DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
+    iou = cast(torch.Tensor, MeanIoU(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
+    with warnings.catch_warnings():
+        # An empty prediction or mask has no surface: MONAI warns and gives NaN/inf for that case.
+        warnings.simplefilter("ignore")
+        hd = cast(
+            torch.Tensor, HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(pred, truth)
+        )
+    hd = hd.flatten()
+    finite = hd[torch.isfinite(hd)]
+    return {
+        "dice": float(dice.mean()),
+        "iou": float(iou.mean()),
+        "hd95": float(finite.mean()) if finite.numel() else math.nan,
+    }
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """AUROC (macro over classes; NaN when the cases hold one class only), accuracy, balanced accuracy."""
+    from monai.metrics import ROCAUCMetric
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    probs = logits.softmax(dim=1)
+    labels = target.long().flatten()
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).float()
+    metric = ROCAUCMetric(average="macro")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if probs.shape[1] == 2:
+            metric(probs[:, 1:], onehot[:, 1:])
+        else:
+            metric(probs, onehot)
+        auroc = float(cast(float, metric.aggregate()))
+    predicted = probs.argmax(dim=1).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns when a class is absent from the cases
+        balanced = float(balanced_accuracy_score(labels.numpy(), predicted))
+    return {"auroc": auroc, "accuracy": float(accuracy_score(labels.numpy(), predicted)), "balanced_accuracy": balanced}
