@@ -215,7 +215,8 @@ def train_and_evaluate(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from radpretrain.data.cohorts import CohortDataset, load_cohort
+    from radpretrain.data.cohorts import load_cohort
+    from radpretrain.data.dataset import CohortDataset
 
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
