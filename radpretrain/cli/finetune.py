@@ -42,16 +42,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="tables, paired statistics and learning curves of a sweep",
         description=(
             "Read a sweep's results.jsonl and write report.md (mean (sd) per strategy and label count, "
-            "paired differences against the baseline with 95% bootstrap CIs and Wilcoxon signed-rank "
-            "p-values), summary.csv, paired.csv and learning_curve.png."
+            "paired differences against the baseline with 95% t-intervals from 6 pairs on, sign-flip "
+            "permutation and Wilcoxon signed-rank p-values with Holm adjustment, failed runs counted), "
+            "summary.csv, paired.csv and learning_curve.png."
         ),
     )
     p.add_argument("results", help="results.jsonl, or the sweep folder holding it")
     p.add_argument("--out", help="folder for the report (default: beside the results)")
     p.add_argument("--metric", help="metric to report (default: dice, else auroc, ...)")
     p.add_argument("--baseline", default="random", help="strategy the others are paired against (default: random)")
-    p.add_argument("--boot", type=positive_int, default=10000, help="bootstrap resamples (default: 10000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument(
+        "--flips",
+        type=positive_int,
+        default=100000,
+        help="random sign flips of the permutation p above 20 pairs (exact up to 20; default: 100000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips (default: 0)")
     p.set_defaults(func=_run_report)
 
     p = sub.add_parser(
@@ -103,7 +109,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from radpretrain.finetune.report import write_report
 
     files = write_report(
-        args.results, args.out, metric=args.metric, baseline=args.baseline, n_boot=args.boot, seed=args.seed
+        args.results, args.out, metric=args.metric, baseline=args.baseline, flips=args.flips, seed=args.seed
     )
     print(files.markdown.read_text())
     print(f"written: {files.markdown}, {files.summary_csv}, {files.paired_csv}, {files.plot}")

@@ -1,4 +1,5 @@
-"""results.jsonl -> mean (sd) tables, paired differences against a baseline, and learning-curve plots."""
+"""results.jsonl -> mean (sd) tables, paired differences against a baseline with honest small-sample statistics, and
+learning-curve plots."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import csv
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +21,79 @@ from radpretrain.registry import did_you_mean
 METRIC_PREFERENCE = ("dice", "auroc", "balanced_accuracy", "accuracy", "iou")
 LOWER_IS_BETTER = frozenset({"hd95", "loss"})
 
+#: Fewer pairs get no interval: below 6 the sd of the differences rests on at most 4 degrees of freedom, and
+#: an exact two-sided sign-flip or Wilcoxon p cannot go below 2 / 2^n (0.25 at 3 pairs, 0.0625 at 5).
+MIN_PAIRS_FOR_INTERVAL = 6
+TOO_FEW_PAIRS = "too few pairs for an interval"
+#: Up to this many pairs the sign-flip p enumerates all 2^n sign patterns; above it, a seeded Monte-Carlo.
+EXACT_SIGN_FLIPS_MAX = 20
+DEFAULT_SIGN_FLIPS = 100_000
+INTERVAL_LEVEL = 0.95
+
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean and sample sd (ddof=1) of one metric over the repeats of one arm and label count."""
+    """Mean and sample sd (ddof=1) of one metric over the repeats of one arm and label count.
+
+    `runs` counts every finished run of the cell, `failed` those whose metric is not finite (e.g. HD95 of an
+    empty prediction, NaN or inf in results.jsonl); mean and sd are over the `runs - failed` others.
+    """
 
     arm: str
     n_labels: int
     mean: float
     sd: float
     runs: int
+    failed: int = 0
 
 
 @dataclass(frozen=True)
 class Paired:
-    """An arm minus the baseline, paired by encoder, label count and repeat (the same labeled subset)."""
+    """An arm minus the baseline, paired by encoder, label count and repeat (the same labeled subset and seed).
+
+    A pair where either run failed (a non-finite metric) is left out of the difference, the interval and the
+    p-values, and counted in `excluded` (`arm_failed` and `baseline_failed` say which side; both may have).
+    `t_low`/`t_high` are NaN below MIN_PAIRS_FOR_INTERVAL pairs; the Holm columns are adjusted across all the
+    comparisons of one report.
+    """
 
     arm: str
     n_labels: int
-    mean_diff: float
-    ci_low: float
-    ci_high: float
-    p_wilcoxon: float
     pairs: int
+    mean_diff: float
+    sd_diff: float
+    t_low: float
+    t_high: float
+    p_sign_flip: float
+    p_wilcoxon: float
+    excluded: int = 0
+    arm_failed: int = 0
+    baseline_failed: int = 0
+    sign_flip_exact: bool = True
+    p_sign_flip_holm: float = math.nan
+    p_wilcoxon_holm: float = math.nan
+
+
+SUMMARY_COLUMNS = ("arm", "n_labels", "metric", "mean", "sd", "runs", "failed")
+PAIRED_COLUMNS = (
+    "arm",
+    "baseline",
+    "n_labels",
+    "metric",
+    "pairs",
+    "excluded",
+    "arm_failed",
+    "baseline_failed",
+    "mean_diff",
+    "sd_diff",
+    "t_low",
+    "t_high",
+    "p_sign_flip",
+    "p_sign_flip_holm",
+    "sign_flip",
+    "p_wilcoxon",
+    "p_wilcoxon_holm",
+)
 
 
 @dataclass(frozen=True)
@@ -95,36 +147,90 @@ def pick_metric(rows: list[dict[str, Any]], metric: str | None) -> str:
     raise ConfigError(f"no known metric in the results; available: {', '.join(available) or 'none'}")
 
 
+def metric_value(row: dict[str, Any], metric: str) -> float | None:
+    """The row's metric as a float, or None when the run failed: missing, not a number, NaN or inf."""
+    value = row.get("metrics", {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def summarize(rows: list[dict[str, Any]], metric: str) -> list[Summary]:
-    """Mean (sd) per arm and label count; non-finite values (e.g. HD95 of an empty mask) are left out."""
+    """Mean (sd) per arm and label count over the runs with a finite value; the others are counted as failed."""
     several = len({row["encoder"] for row in rows}) > 1
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[float | None]] = defaultdict(list)
     for row in rows:
-        value = row["metrics"].get(metric)
-        key = (arm_name(row, several), int(row["n_labels"]))
-        groups.setdefault(key, [])
-        if value is not None and math.isfinite(value):
-            groups[key].append(float(value))
+        groups[(arm_name(row, several), int(row["n_labels"]))].append(metric_value(row, metric))
     out = []
     # Arms in the order the sweep ran them (its `strategies` list), label counts ascending.
     order = {arm: i for i, arm in enumerate(dict.fromkeys(arm for arm, _ in groups))}
-    for (arm, n), values in sorted(groups.items(), key=lambda item: (order[item[0][0]], item[0][1])):
+    for (arm, n), cell in sorted(groups.items(), key=lambda item: (order[item[0][0]], item[0][1])):
+        values = [v for v in cell if v is not None]
         mean = float(np.mean(values)) if values else math.nan
         sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-        out.append(Summary(arm, n, mean, sd, len(values)))
+        out.append(Summary(arm, n, mean, sd, runs=len(cell), failed=len(cell) - len(values)))
     return out
 
 
-def bootstrap_ci(diffs: np.ndarray, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of paired differences (pairs resampled); NaN
-    for fewer than two pairs."""
+def t_interval(diffs: Sequence[float] | np.ndarray, level: float = INTERVAL_LEVEL) -> tuple[float, float]:
+    """Student-t confidence interval of the mean paired difference, mean ± t(1 - α/2, n - 1) · sd / √n;
+    NaN for fewer than two pairs (one pair says nothing about spread)."""
+    from scipy.stats import t
+
     diffs = np.asarray(diffs, dtype=np.float64)
     if diffs.size < 2:
-        return math.nan, math.nan  # one pair says nothing about spread
+        return math.nan, math.nan
+    mean = float(diffs.mean())
+    half = float(t.ppf(0.5 + level / 2.0, diffs.size - 1)) * float(diffs.std(ddof=1)) / math.sqrt(diffs.size)
+    return mean - half, mean + half
+
+
+def sign_flip_p(
+    diffs: Sequence[float] | np.ndarray,
+    *,
+    flips: int = DEFAULT_SIGN_FLIPS,
+    seed: int = 0,
+    exact_max: int = EXACT_SIGN_FLIPS_MAX,
+) -> float:
+    """Two-sided paired permutation p of the mean difference: the share of sign patterns whose |sum| reaches the
+    observed one. Exact over all 2^n patterns for n <= `exact_max`; above, `flips` seeded random patterns with
+    p = (hits + 1) / (flips + 1), which never reports an impossible 0. NaN without pairs."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.size == 0:
+        return math.nan
+    observed = abs(float(diffs.sum()))
+    # Sums equal to the observed one up to rounding count as reaching it.
+    reach = observed - 1e-9 * max(1.0, float(np.abs(diffs).sum()))
+    if diffs.size <= exact_max:
+        sums = np.zeros(1)
+        for d in diffs:  # every sign pattern's sum, doubling per difference: 2^n floats (8 MiB at n = 20)
+            sums = np.concatenate((sums + d, sums - d))
+        return float(np.count_nonzero(np.abs(sums) >= reach)) / sums.size
+    if flips < 1:
+        raise ValueError(f"flips must be >= 1, got {flips}")
     rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, diffs.size, size=(n_boot, diffs.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+    hits = done = 0
+    while done < flips:
+        batch = min(8192, flips - done)
+        signs = rng.integers(0, 2, size=(batch, diffs.size)) * 2 - 1
+        hits += int(np.count_nonzero(np.abs(signs @ diffs) >= reach))
+        done += batch
+    return (hits + 1) / (flips + 1)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values (Holm 1979), in the input order; NaN entries are no test and stay NaN.
+
+    Sorted ascending, the k-th of m p-values becomes max over j <= k of min(1, (m - j + 1) · p_(j)).
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    tested = np.flatnonzero(np.isfinite(p))
+    running = 0.0
+    for rank, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        running = max(running, min(1.0, (tested.size - rank) * float(p[i])))
+        out[i] = running
+    return [float(v) for v in out]
 
 
 def wilcoxon_p(diffs: np.ndarray) -> float:
@@ -133,45 +239,88 @@ def wilcoxon_p(diffs: np.ndarray) -> float:
 
     diffs = np.asarray(diffs, dtype=np.float64)
     if np.count_nonzero(diffs) == 0:
-        return math.nan
+        return math.nan  # no pairs, or no non-zero difference to rank
     return float(wilcoxon(diffs, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
 def paired_differences(
-    rows: list[dict[str, Any]], metric: str, *, baseline: str = "random", n_boot: int = 10000, seed: int = 0
+    rows: list[dict[str, Any]],
+    metric: str,
+    *,
+    baseline: str = "random",
+    flips: int = DEFAULT_SIGN_FLIPS,
+    seed: int = 0,
+    min_pairs: int = MIN_PAIRS_FOR_INTERVAL,
 ) -> list[Paired]:
-    """Each arm minus `baseline` on the same encoder, label count and repeat (so the same labeled subset)."""
+    """Each arm minus `baseline` on the same encoder, label count and repeat (so the same labeled subset), with a
+    t-interval (from `min_pairs` pairs on), sign-flip and Wilcoxon p-values, and their Holm adjustment across
+    all the comparisons returned. Pairs with a failed run are counted, not used (see `Paired`)."""
     several = len({row["encoder"] for row in rows}) > 1
-    base: dict[tuple[str, int, int], float] = {}
+    base: dict[tuple[str, int, int], float | None] = {}
     for row in rows:
         if row["strategy"] == baseline:
-            base[(str(row["encoder"]), int(row["n_labels"]), int(row["repeat"]))] = row["metrics"].get(metric)
+            base[(str(row["encoder"]), int(row["n_labels"]), int(row["repeat"]))] = metric_value(row, metric)
     if not base:
         return []
     diffs: dict[tuple[str, int], list[float]] = defaultdict(list)
+    failed: dict[tuple[str, int], list[tuple[bool, bool]]] = defaultdict(list)
     for row in rows:
-        if row["strategy"] == baseline:
+        key = (str(row["encoder"]), int(row["n_labels"]), int(row["repeat"]))
+        if row["strategy"] == baseline or key not in base:
             continue
-        ref = base.get((str(row["encoder"]), int(row["n_labels"]), int(row["repeat"])))
-        value = row["metrics"].get(metric)
-        if ref is None or value is None or not (math.isfinite(ref) and math.isfinite(value)):
+        cell = (arm_name(row, several), int(row["n_labels"]))
+        diffs.setdefault(cell, [])  # a cell whose every pair failed still gets its row
+        ref, value = base[key], metric_value(row, metric)
+        if ref is None or value is None:
+            failed[cell].append((value is None, ref is None))
             continue
-        diffs[(arm_name(row, several), int(row["n_labels"]))].append(float(value) - float(ref))
+        diffs[cell].append(value - ref)
     out = []
     order = {arm: i for i, arm in enumerate(dict.fromkeys(arm for arm, _ in diffs))}
-    for (arm, n), values in sorted(diffs.items(), key=lambda item: (order[item[0][0]], item[0][1])):
-        array = np.asarray(values)
-        low, high = bootstrap_ci(array, n_boot=n_boot, seed=seed)
-        out.append(Paired(arm, n, float(array.mean()), low, high, wilcoxon_p(array), array.size))
-    return out
+    for cell, values in sorted(diffs.items(), key=lambda item: (order[item[0][0]], item[0][1])):
+        array = np.asarray(values, dtype=np.float64)
+        low, high = t_interval(array) if array.size >= min_pairs else (math.nan, math.nan)
+        lost = failed[cell]
+        out.append(
+            Paired(
+                arm=cell[0],
+                n_labels=cell[1],
+                pairs=int(array.size),
+                mean_diff=float(array.mean()) if array.size else math.nan,
+                sd_diff=float(array.std(ddof=1)) if array.size > 1 else math.nan,
+                t_low=low,
+                t_high=high,
+                p_sign_flip=sign_flip_p(array, flips=flips, seed=seed),
+                p_wilcoxon=wilcoxon_p(array),
+                excluded=len(lost),
+                arm_failed=sum(arm for arm, _ in lost),
+                baseline_failed=sum(ref for _, ref in lost),
+                sign_flip_exact=array.size <= EXACT_SIGN_FLIPS_MAX,
+            )
+        )
+    flip_holm = holm([p.p_sign_flip for p in out])
+    wilcoxon_holm = holm([p.p_wilcoxon for p in out])
+    return [
+        replace(p, p_sign_flip_holm=a, p_wilcoxon_holm=b) for p, a, b in zip(out, flip_holm, wilcoxon_holm, strict=True)
+    ]
 
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _fmt_p(value: float) -> str:
+    return "–" if not math.isfinite(value) else "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def summary_cell(s: Summary) -> str:
+    """`mean (sd)`, with `, failed k of n` when runs failed, so a reader sees what the mean leaves out."""
+    text = f"{_fmt(s.mean)} ({_fmt(s.sd)})"
+    return text if not s.failed else f"{text}, failed {s.failed} of {s.runs}"
+
+
 def markdown_table(summary: list[Summary], metric: str) -> str:
-    """Arms as rows, label counts as columns, cells `mean (sd)` as few-label studies print them."""
+    """Arms as rows, label counts as columns, cells `mean (sd)` as few-label studies print them (with failures)."""
     counts = sorted({s.n_labels for s in summary})
     arms = list(dict.fromkeys(s.arm for s in summary))
     cell = {(s.arm, s.n_labels): s for s in summary}
@@ -183,21 +332,65 @@ def markdown_table(summary: list[Summary], metric: str) -> str:
         values = []
         for n in counts:
             s = cell.get((arm, n))
-            values.append("" if s is None else f"{_fmt(s.mean)} ({_fmt(s.sd)})")
+            values.append("" if s is None else summary_cell(s))
         lines.append(f"| {arm} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
-def markdown_paired(paired: list[Paired], metric: str, baseline: str) -> str:
+def interval_cell(p: Paired, min_pairs: int = MIN_PAIRS_FOR_INTERVAL) -> str:
+    if p.pairs < min_pairs:
+        return TOO_FEW_PAIRS
+    return f"[{_fmt(p.t_low)}, {_fmt(p.t_high)}]"
+
+
+def pairs_cell(p: Paired) -> str:
+    """`6`, or `4 of 6 (2 excluded: arm failed 2, baseline failed 0)` when failed runs left pairs out."""
+    if not p.excluded:
+        return str(p.pairs)
+    return (
+        f"{p.pairs} of {p.pairs + p.excluded} ({p.excluded} excluded: arm failed {p.arm_failed}, "
+        f"baseline failed {p.baseline_failed})"
+    )
+
+
+def markdown_paired(
+    paired: list[Paired], metric: str, baseline: str, *, min_pairs: int = MIN_PAIRS_FOR_INTERVAL
+) -> str:
+    level = f"{INTERVAL_LEVEL:.0%}"
     lines = [
-        f"| arm | n | Δ{metric} vs {baseline} | 95% bootstrap CI | Wilcoxon p | pairs |",
-        "|---|---|---|---|---|---|",
+        f"| arm | n | Δ{metric} vs {baseline} | {level} t-interval | sign-flip p | Holm | Wilcoxon p | Holm | pairs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in paired:
+        delta = "–" if not math.isfinite(p.mean_diff) else f"{p.mean_diff:+.3f}"
         lines.append(
-            f"| {p.arm} | {p.n_labels} | {p.mean_diff:+.3f} | [{_fmt(p.ci_low)}, {_fmt(p.ci_high)}] | "
-            f"{_fmt(p.p_wilcoxon)} | {p.pairs} |"
+            f"| {p.arm} | {p.n_labels} | {delta} | {interval_cell(p, min_pairs)} | {_fmt_p(p.p_sign_flip)} | "
+            f"{_fmt_p(p.p_sign_flip_holm)} | {_fmt_p(p.p_wilcoxon)} | {_fmt_p(p.p_wilcoxon_holm)} | {pairs_cell(p)} |"
         )
+    return "\n".join(lines)
+
+
+def paired_notes(
+    paired: list[Paired], metric: str, baseline: str, *, flips: int, seed: int, min_pairs: int = MIN_PAIRS_FOR_INTERVAL
+) -> str:
+    """What the paired columns mean and cannot show, under the table."""
+    direction = "; lower is better" if metric in LOWER_IS_BETTER else ""
+    monte_carlo = any(not p.sign_flip_exact for p in paired)
+    flips_text = f"; above, (hits + 1) / ({flips} + 1) over random sign flips (seed {seed})" if monte_carlo else ""
+    lines = [
+        f"- Δ: mean over repeats of ({metric} of the arm) − ({metric} of `{baseline}`) on the same labeled subset "
+        f"and seed{direction}.",
+        f"- {INTERVAL_LEVEL:.0%} t-interval: mean Δ ± t · sd(Δ) / √pairs with pairs − 1 degrees of freedom; "
+        f'from {min_pairs} pairs on ("{TOO_FEW_PAIRS}" below).',
+        f"- sign-flip p: two-sided permutation test of mean Δ, exact over all 2^pairs sign flips up to "
+        f"{EXACT_SIGN_FLIPS_MAX} pairs{flips_text}. With n pairs it cannot go below 2 / 2^n (0.25 at 3 pairs).",
+        "- Wilcoxon p: two-sided signed-rank test (scipy; exact without ties or zero differences).",
+        f"- Holm: each p column adjusted (Holm step-down) across the {len(paired)} comparisons of this report "
+        "(those with no p in that column left out).",
+        f"- pairs: pairs used. A run whose {metric} is not finite (e.g. HD95 of an empty prediction) has failed: its "
+        "pair is left out of Δ, the interval and both p-values, and counted here (arm or baseline side). Leaving "
+        "it out favours the side that failed, so read such a row with its failure count.",
+    ]
     return "\n".join(lines)
 
 
@@ -246,10 +439,20 @@ def write_report(
     *,
     metric: str | None = None,
     baseline: str = "random",
-    n_boot: int = 10000,
+    flips: int = DEFAULT_SIGN_FLIPS,
     seed: int = 0,
+    min_pairs: int = MIN_PAIRS_FOR_INTERVAL,
 ) -> ReportFiles:
-    """Write report.md, summary.csv, paired.csv and learning_curve.png for a sweep's results."""
+    """Write report.md, summary.csv, paired.csv and learning_curve.png for a sweep's results.
+
+    `flips` and `seed` drive the Monte-Carlo sign-flip p of comparisons with more than EXACT_SIGN_FLIPS_MAX
+    pairs; `min_pairs` is the fewest pairs that get a t-interval. The columns are SUMMARY_COLUMNS and
+    PAIRED_COLUMNS (see `Summary` and `Paired`).
+    """
+    if flips < 1:
+        raise ConfigError(f"flips must be >= 1, got {flips}; e.g. --flips 100000")
+    if min_pairs < 2:
+        raise ConfigError(f"an interval needs at least 2 pairs, got min_pairs={min_pairs}")
     rows = [row for row in read_results(results) if row.get("status", "ok") == "ok"]
     if not rows:
         raise ConfigError(f"{results} holds no finished runs")
@@ -264,29 +467,54 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else (results_path if results_path.is_dir() else results_path.parent)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, metric)
-    paired = paired_differences(rows, metric, baseline=baseline, n_boot=n_boot, seed=seed)
+    paired = paired_differences(rows, metric, baseline=baseline, flips=flips, seed=seed, min_pairs=min_pairs)
 
     summary_csv = out / "summary.csv"
     with summary_csv.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["arm", "n_labels", "metric", "mean", "sd", "runs"])
+        writer.writerow(SUMMARY_COLUMNS)
         for s in summary:
-            writer.writerow([s.arm, s.n_labels, metric, s.mean, s.sd, s.runs])
+            writer.writerow([s.arm, s.n_labels, metric, s.mean, s.sd, s.runs, s.failed])
     paired_csv = out / "paired.csv"
     with paired_csv.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["arm", "baseline", "n_labels", "metric", "mean_diff", "ci_low", "ci_high", "p", "pairs"])
+        writer.writerow(PAIRED_COLUMNS)
         for p in paired:
             writer.writerow(
-                [p.arm, baseline, p.n_labels, metric, p.mean_diff, p.ci_low, p.ci_high, p.p_wilcoxon, p.pairs]
+                [
+                    p.arm,
+                    baseline,
+                    p.n_labels,
+                    metric,
+                    p.pairs,
+                    p.excluded,
+                    p.arm_failed,
+                    p.baseline_failed,
+                    p.mean_diff,
+                    p.sd_diff,
+                    p.t_low,
+                    p.t_high,
+                    p.p_sign_flip,
+                    p.p_sign_flip_holm,
+                    "exact" if p.sign_flip_exact else f"monte-carlo {flips}",
+                    p.p_wilcoxon,
+                    p.p_wilcoxon_holm,
+                ]
             )
     plot = plot_learning_curves(summary, metric, out / "learning_curve.png")
 
     parts = [f"### {metric}: mean (sd) over repeats\n", markdown_table(summary, metric)]
+    if any(s.failed for s in summary):
+        parts.append(
+            f"\nfailed k of n: k of the cell's n runs gave no finite {metric} (e.g. HD95 of an empty prediction); "
+            "the mean and sd are over the other runs."
+        )
     if paired:
         parts += [
-            f"\n### Paired differences against `{baseline}` (same labeled subset; {n_boot} bootstrap resamples)\n",
-            markdown_paired(paired, metric, baseline),
+            f"\n### Paired differences against `{baseline}` (same labeled subset and seed)\n",
+            markdown_paired(paired, metric, baseline, min_pairs=min_pairs),
+            "",
+            paired_notes(paired, metric, baseline, flips=flips, seed=seed, min_pairs=min_pairs),
         ]
     else:
         parts.append(f"\n(no `{baseline}` runs to pair against)")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from radpretrain.errors import ConfigError
 
 #: Body-part classes, built on the DICOM body-part defined terms (PS3.16 Annex L); "pelvis" includes
-#: the hip, "arm" the humerus, "wrist" the forearm, "leg" the femur, tibia and fibula.
+#: the hip with the femoral head and neck, "arm" the humerus, "wrist" the forearm, "leg" the femur, tibia
+#: and fibula, "skull" the face, jaw and TMJ, "shoulder" the clavicle and scapula, "chest" the ribs and sternum.
+#: Terms without a class of their own are mapped in `_DEFINED_TERMS` below.
 BODY_PARTS: tuple[str, ...] = (
     "chest",
     "abdomen",
@@ -58,31 +60,136 @@ VENDORS: tuple[str, ...] = (
     "other",
 )
 
+# BodyPartExamined defined terms (DICOM PS3.16 CID 4031) that name several regions or a part with no class of its
+# own, matched on the whole field with the spaces removed ("ABDOMEN PELVIS" == "ABDOMENPELVIS"). Decisions:
+# a compound takes the region that fills most of the image (ABDOMENPELVIS -> abdomen, CHESTABDOMEN and NECKCHEST
+# -> chest, HEADNECK -> skull); TLSPINE (the thoracolumbar junction, T11-L2) -> tspine, CTSPINE -> cspine,
+# LSSPINE -> lspine; the sacroiliac joints stay with the sacrum (lspine); SCJOINT (at the sternum) -> chest,
+# ACJOINT -> shoulder; LOWERLIMB -> leg, UPPERLIMB -> arm; SPINE, WHOLEBODY and EXTREMITY name no single class.
+_DEFINED_TERMS: dict[str, str] = {
+    "ABDOMENPELVIS": "abdomen",
+    "ABDPELVIS": "abdomen",
+    "CHESTABDOMEN": "chest",
+    "CHESTABDPELVIS": "chest",
+    "NECKCHEST": "chest",
+    "NECKCHESTABDOMEN": "chest",
+    "NECKCHESTABDPELV": "chest",
+    "NECKCHESTABDPELVIS": "chest",
+    "HEADNECK": "skull",
+    "CTSPINE": "cspine",
+    "TLSPINE": "tspine",
+    "LSSPINE": "lspine",
+    "SIJOINT": "lspine",
+    "SCJOINT": "chest",
+    "ACJOINT": "shoulder",
+    "UPPERARM": "arm",
+    "UPPERLIMB": "arm",
+    "RADIUSULNA": "wrist",
+    "LOWERLEG": "leg",
+    "LOWERLIMB": "leg",
+    "POPLITEALFOSSA": "knee",
+    "PELVISLOWEXTREMT": "pelvis",
+    "SPINE": UNKNOWN,
+    "WHOLEBODY": UNKNOWN,
+    "EXTREMITY": UNKNOWN,
+}
+
+# Phrases where a generic word qualifies a specific part: the "head" or "neck" of a long bone is that bone's
+# joint, not the skull or the cervical spine; "sinus tarsi" is in the foot. They are tried before the words below.
+_BODY_PHRASES: tuple[tuple[str, str], ...] = (
+    (
+        "pelvis",
+        r"FEMORAL (?:HEAD|NECK)|FEMUR (?:HEAD|NECK)|(?:HEAD|NECK) OF (?:THE )?(?:LEFT |RIGHT )?FEMUR|NOF"
+        r"|SCHENKELHALS\w*|(?:FEMUR|HUFT|HUEFT)KOPF\w*|COL (?:DU )?FEMUR|COL FEMORAL|TETE (?:DU )?FEMUR|TETE FEMORALE"
+        r"|CUELLO (?:DEL? )?FEMUR|CUELLO FEMORAL|CABEZA (?:DEL? )?FEMUR|CABEZA FEMORAL",
+    ),
+    (
+        "shoulder",
+        r"HUMERAL (?:HEAD|NECK)|HUMERUS (?:HEAD|NECK)|(?:HEAD|NECK) OF (?:THE )?(?:LEFT |RIGHT )?HUMERUS"
+        r"|SURGICAL NECK|HUMERUSKOPF\w*|TETE HUMERALE|CABEZA (?:DEL )?HUMERO|CABEZA HUMERAL",
+    ),
+    (
+        "elbow",
+        r"RADIAL (?:HEAD|NECK)|RADIUS (?:HEAD|NECK)|(?:HEAD|NECK) OF (?:THE )?(?:LEFT |RIGHT )?RADIUS"
+        r"|RADIUSKOPF\w*|TETE RADIALE|CABEZA (?:DEL )?RADIO|CUPULA RADIAL",
+    ),
+    ("wrist", r"ULNAR HEAD|HEAD OF (?:THE )?ULNA|ULNAKOPF\w*"),
+    ("knee", r"FIBULAR HEAD|FIBULA HEAD|HEAD OF (?:THE )?FIBULA|FIBULAKOPF\w*|TETE (?:DU )?PERONE|TETE FIBULAIRE"),
+    ("ankle", r"TALAR (?:HEAD|NECK)|(?:HEAD|NECK) OF (?:THE )?TALUS"),
+    ("foot", r"SINUS TARSI|METATARSAL HEADS?"),
+    ("hand", r"METACARPAL HEADS?"),
+    ("skull", r"HEAD (?:AND )?NECK|KOPF HALS"),
+    ("abdomen", r"ABDOMEN (?:AND )?PELVIS|ABDO? PELV?\w*"),
+    ("chest", r"(?:CHEST|THORAX) (?:AND )?ABDO?\w*"),
+    ("tspine", r"TL SPINE|THORACOLUMBAR\w*|THORAKOLUMBAL\w*|DORSO ?LOMBAIRE"),
+    ("cspine", r"CERVICOTHORACIC\w*|ZERVIKOTHORAKAL\w*"),
+)
+
 # Ordered: the first rule that matches wins, so specific phrases ("L SPINE", "HANDGELENK", "FOREARM")
 # come before the general words they contain ("SPINE", "HAND", "ARM"). Text is upper-cased, stripped
 # of accents (ß -> SS) and of punctuation before matching; `\b` keeps "ARM" from matching "FOREARM".
 _BODY_RULES: tuple[tuple[str, str], ...] = (
-    ("cspine", r"C ?SPINE|CERVICAL|HWS|HALSWIRBEL\w*|RACHIS CERVICAL|COLUMNA CERVICAL|NECK|HALS|ODONTOID|DENS"),
+    ("cspine", r"C ?SPINE|CERVICAL|HWS|HALSWIRBEL\w*|RACHIS CERVICAL|COLUMNA CERVICAL|ODONTOID|DENS"),
     ("tspine", r"T ?SPINE|THORACIC SPINE|DORSAL SPINE|BWS|BRUSTWIRBEL\w*|RACHIS DORSAL|COLUMNA DORSAL"),
-    ("lspine", r"L ?SPINE|LUMBAR\w*|LUMBO\w*|LWS|LENDENWIRBEL\w*|RACHIS LOMBAIRE|COLUMNA LUMBAR|SACRUM|S ?SPINE"),
-    ("lspine", r"SACR\w*|COCCYX|SIJ|SI JOINTS?|KREUZBEIN"),
-    ("breast", r"BREAST|MAMMO\w*|MAMMA|BRUSTDRUSE|SEIN|MAMA"),
+    (
+        "lspine",
+        r"L ?SPINE|LUMBAR\w*|LUMBO\w*|LWS|LENDENWIRBEL\w*|RACHIS LOMBAIRE|LOMBAIRE|COLUMNA LUMBAR|SACRUM|S ?SPINE",
+    ),
+    ("lspine", r"SACR\w*|COCCYX|COCCY\w*|STEISSBEIN|SIJ|SI JOINTS?|ISG|KREUZBEIN"),
+    ("breast", r"BREASTS?|MAMMO\w*|MAMMA|BRUSTDRUSE|MAMA"),
     ("wrist", r"WRIST|FOREARM|RADIUS|ULNA|HANDGELENK|UNTERARM|POIGNET|AVANT BRAS|MUNECA|ANTEBRAZO|SCAPHOID|KAHNBEIN"),
-    ("hand", r"HANDS?|FINGERS?|THUMB|DAUMEN|MAIN|MANO|DOIGTS?|DEDOS?|METACARP\w*|PHALANG\w*"),
+    ("hand", r"HANDS?|FINGERS?|THUMB|DAUMEN|MANO|DOIGTS?|POUCE|DEDOS?|METACARP\w*|PHALANG\w*|MITTELHAND"),
     ("elbow", r"ELBOW|ELLENBOGEN|ELLBOGEN|COUDE|CODO|OLECRANON"),
-    ("shoulder", r"SHOULDER|SCHULTER|EPAULE|HOMBRO|CLAVICLE|CLAVICULA|SCAPULA|SCHLUSSELBEIN|AC JOINT|ACROMIO\w*"),
-    ("arm", r"ARM|UPPER ARM|HUMERUS|OBERARM|BRAS|BRAZO"),
-    ("ankle", r"ANKLE|SPRUNGGELENK|OSG|CHEVILLE|TOBILLO|MALLEOL\w*"),
-    ("foot", r"FOOT|FEET|TOES?|HEEL|CALCANEUS|FUSS|FERSE|ZEHEN?|PIED|PIE|CALCANEO|METATARS\w*|TARSUS"),
-    ("knee", r"KNEE|KNIE|GENOU|RODILLA|PATELLA|KNIESCHEIBE"),
-    ("leg", r"LEG|LOWER LEG|THIGH|FEMUR|TIBIA|FIBULA|UNTERSCHENKEL|OBERSCHENKEL|JAMBE|PIERNA|MUSLO|CUISSE"),
-    ("pelvis", r"PELVIS|HIPS?|BECKEN|HUFTE|BASSIN|HANCHE|CADERA|PELVIS|ACETABUL\w*|SYMPHYS\w*|ABDOMEN PELVIS"),
-    ("skull", r"SKULL|HEAD|CRANI\w*|SCHADEL|KOPF|CRANE|CRANEO|FACE|FACIAL|SINUS\w*|MANDIBLE|JAW|NASAL|ORBITS?|OPG"),
-    ("skull", r"PANORAMIC|DENTAL|TEETH|ZAHN\w*|KIEFER"),
-    ("chest", r"CHEST|THORAX|LUNGS?|THORAKS?|BRUST|TORAX|POITRINE|PECHO|RIBS?|STERNUM|RIPPEN|HEART|CXR|PULMO\w*"),
-    ("abdomen", r"ABDOMEN|ABDOMINAL|ABD|BAUCH|ABDOMEN SIMPLE|KUB|ABDOMEN PELVIS|ABDOMEN AP"),
+    (
+        "shoulder",
+        r"SHOULDER|SCHULTER\w*|EPAULE|HOMBRO|CLAVICLE|CLAVICULA|CLAVICULE|SCAPULA|OMOPLATE|SCHLUSSELBEIN|AC JOINTS?"
+        r"|ACROMIO\w*",
+    ),
+    ("arm", r"ARM|UPPER ARM|HUMERUS|OBERARM|BRAZO"),
+    ("ankle", r"ANKLE|SPRUNGGELENK\w*|OSG|CHEVILLE|TOBILLO|MALLEOL\w*|TALUS"),
+    (
+        "foot",
+        r"FOOT|FEET|TOES?|HEEL|CALCANE\w*|\w*FUSS|FERSE\w*|ZEHEN?|PIED|PIE|ORTEILS?|METATARS\w*|TARS\w*|SESAMOID\w*",
+    ),
+    ("knee", r"KNEES?|KNIE\w*|GENOUX?|RODILLA|PATELLA|ROTULE"),
+    ("leg", r"LEGS?|LOWER LEG|THIGH|CALF|FEMUR|TIBIA|FIBULA|UNTERSCHENKEL|OBERSCHENKEL|JAMBE|PIERNA|MUSLO|CUISSE"),
+    (
+        "pelvis",
+        r"PELVIS|PELVIC|HIPS?|BECKEN\w*|HUE?FT\w*|BASSIN|HANCHES?|CADERA|ACETABUL\w*|SYMPHYS\w*|ILIUM|BUTTOCKS?"
+        r"|GLUTE\w*",
+    ),
+    (
+        "skull",
+        r"SKULL|CRANI\w*|\w*SCHADEL|CRANE|CRANEO|FACIAL|SINUS\w*|MANDIB\w*|\w*KIEFER\w*|JAW|TMJ|ZYGOMA\w*|JOCHBEIN"
+        r"|MAXILLA\w*|NASAL|NOSE|NASEN\w*|NNH|ORBITS?|ORBITA|SELLA|MASTOID\w*|OPG",
+    ),
+    ("skull", r"PANORAMIC|DENTAL|TEETH|ZAHN\w*"),
+    (
+        "chest",
+        r"CHEST|THORAX\w*|LUNGS?|LUNGE|THORAKS?|BRUST|BRUSTKORB|BRUSTBEIN|TORAX|POITRINE|POUMONS?|PECHO|RIBS?|STERNUM"
+        r"|RIPPEN|COTES|COSTAL|HEART|CXR|PULMO\w*|MEDIASTIN\w*",
+    ),
+    ("abdomen", r"ABDOMEN\w*|ABDOMINAL|ABDO|ABD|BAUCH|KUB"),
 )
-_BODY_PATTERNS = tuple((label, re.compile(rf"\b(?:{pattern})\b")) for label, pattern in _BODY_RULES)
+
+# Words that name a part only when nothing more specific does: "head"/"neck" also qualify bones ("head of the
+# radius"), French "main" (hand) is also English ("Knee main"), "face" is also the French frontal view ("Thorax
+# face", "de face", "face et profil"), German "sein" (breast in French) is a common verb.
+_NOT_QUALIFYING = "".join(
+    f"(?<!{word} )"
+    for word in ("FEMORAL", "FEMUR", "HUMERAL", "HUMERUS", "RADIAL", "RADIUS", "ULNAR", "FIBULAR", "TALAR", "SURGICAL")
+)
+_BODY_WEAK: tuple[tuple[str, str], ...] = (
+    ("cspine", rf"{_NOT_QUALIFYING}(?:NECK|HALS|CUELLO|COU)(?! OF\b)"),
+    ("skull", rf"{_NOT_QUALIFYING}(?:HEAD|KOPF|TETE|CABEZA)(?! OF\b)"),
+    ("hand", r"MAINS?(?! (?:SERIES|VIEWS?|STUDY|EXAM|PROTOCOL|IMAGES?|SEQUENCE)\b)"),
+    ("arm", r"BRAS"),
+    ("breast", r"SEINS?"),
+    ("skull", r"(?<!DE )FACE(?!(?: ET)? PROFIL\b)"),  # last: "Main droite face" is a hand
+)
+_BODY_PATTERNS = tuple(
+    (label, re.compile(rf"\b(?:{pattern})\b")) for label, pattern in (*_BODY_PHRASES, *_BODY_RULES, *_BODY_WEAK)
+)
 
 _VIEW_WORDS: dict[str, str] = {
     "PA": "PA",
@@ -137,6 +244,9 @@ def body_part_from_text(value: object) -> str:
     text = clean_text(value)
     if not text:
         return UNKNOWN
+    term = _DEFINED_TERMS.get(text.replace(" ", ""))
+    if term is not None:
+        return term
     for label, pattern in _BODY_PATTERNS:
         if pattern.search(text):
             return label

@@ -141,7 +141,7 @@ def test_report_refuses_a_baseline_that_is_not_in_the_results(
     ]
     results.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with sandbox.only_writes():
-        message = refused(capsys, "report", results, "--baseline", "randm", "--boot", "50")
+        message = refused(capsys, "report", results, "--baseline", "randm", "--flips", "50")
     assert message == (
         "baseline 'randm' has no runs in the results. Did you mean 'random'? Strategies there: full, random"
     )
