@@ -14,7 +14,8 @@ from radpretrain.shards import deid, dicom, reader
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.index import build_index
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import robust_range, shard, stored_pixels
+from radpretrain.shards.run import shard
+from radpretrain.shards.sample import robust_range, stored_pixels
 from tests.shards.helpers import make_archive, make_radiograph
 
 CONFIG = ShardConfig(size=48, shard_size=2, val_fraction=0.0, test_fraction=0.0)
