@@ -248,15 +248,12 @@ def current_index(
     """
     src_path = check_source(src, out)
     out_path = Path(out).expanduser().resolve()
-    if part is not None and not reuse:
-        existing = None
-    elif reuse:
+    existing = None
+    if reuse:
         existing = read_index(out_path)
-    else:
-        try:
+    elif part is None:  # the settings of the index about to be replaced are checked all the same
+        with contextlib.suppress(ShardError):
             existing = read_index(out_path)
-        except ShardError:
-            existing = None
     if existing is not None:
         problems = _differences(existing, src_path, options, pseudonymize)
         if reuse and not problems:
