@@ -111,7 +111,7 @@ def radiographs(root: Path) -> list[Path]:
 
 def make_shards(archive: Path, workdir: Path, codec: str) -> Path:
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.writer import shard
+    from radpretrain.shards.run import shard
 
     print(f"sharding at 512 px with codec {codec} ...", flush=True)
     config = ShardConfig(size=512, shard_size=25, val_fraction=0.0, test_fraction=0.0, codec=codec)

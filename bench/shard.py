@@ -4,7 +4,7 @@
     python bench/shard.py --quick    # 100-file archive, memory at 100 vs 1,000 files: a few minutes
 
 What is compared, all on the same synthetic radiographs (`radpretrain.synth.archive.generate`):
-- shard: `radpretrain.shards.writer.shard` (what `radpretrain shard` calls: index, plan, decode, resize, PNG,
+- shard: `radpretrain.shards.run.shard` (what `radpretrain shard` calls: index, plan, decode, resize, PNG,
   tar, manifest) in a child process with 1 and with 2 workers; CPU time and peak RSS of its process tree;
 - floor: `read_dicom` + `resize_longest` + `encode_png` (the writer's own pieces) in a plain loop, no tool around it;
 - one-step floor: the same loop with the textbook settings the pieces replaced: one cv2 INTER_AREA call and
@@ -246,7 +246,7 @@ def watch_rss(process: psutil.Process, peak: list[int], interval: float = 0.05) 
 
 def child_shard(src: str, out: str, key: str, private: str, workers: str, config_json: str) -> int:
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.writer import shard
+    from radpretrain.shards.run import shard
 
     config = ShardConfig(**json.loads(config_json))
     summary = shard(src, out, config, key=key, private_dir=private, workers=int(workers), progress=False)
@@ -279,7 +279,7 @@ def floor_one(path: Path, size: int) -> None:
     """Decode + resize + 16-bit PNG with the library's own pieces and nothing else."""
     from radpretrain.shards.codecs import encode_png
     from radpretrain.shards.dicom import read_dicom, resize_longest
-    from radpretrain.shards.writer import stored_pixels
+    from radpretrain.shards.sample import stored_pixels
 
     started = time.perf_counter()
     _, frames = read_dicom(path)
@@ -299,7 +299,7 @@ def one_step_one(path: Path, size: int) -> None:
     import cv2
 
     from radpretrain.shards.dicom import read_dicom
-    from radpretrain.shards.writer import stored_pixels
+    from radpretrain.shards.sample import stored_pixels
 
     _, frames = read_dicom(path)
     for frame in frames:

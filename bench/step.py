@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def small_shards(workdir: Path) -> Path:
     """A few synthetic radiographs, sharded: the tool reads its manifest and probes its val split."""
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.writer import shard
+    from radpretrain.shards.run import shard
     from radpretrain.synth.archive import generate
 
     generate(workdir / "src", 40, seed=1, min_size=64, max_size=96, syntaxes=["ExplicitVRLittleEndian"], progress=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from radpretrain import files
 from radpretrain.config import build, to_dict
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid, labels
@@ -121,9 +122,9 @@ def list_files(src: Path, skip: set[Path] | None = None) -> list[str]:
     skip = skip or set()
     found: list[str] = []
     unreadable: list[OSError] = []
-    for root, dirs, files in os.walk(src, onerror=unreadable.append):
+    for root, dirs, filenames in os.walk(src, onerror=unreadable.append):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(filenames):
             path = Path(root) / name
             # A broken link is kept: it is a file of the export that cannot be read, and is counted as such.
             if path in skip or not (path.is_file() or path.is_symlink()):
@@ -221,6 +222,79 @@ def read_index(out: str | Path) -> Index | None:
     if len(rows) != meta.get("files"):
         raise ShardError(f"the index in {out} is incomplete; rerun with --reindex")
     return Index(meta=meta, rows=rows)
+
+
+def current_index(
+    src: str | Path,
+    out: str | Path,
+    options: IndexOptions,
+    pseudonymize: deid.Pseudonymizer,
+    *,
+    private_dir: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    part: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    reuse: bool = True,
+    pool: WorkerPool | None = None,
+) -> Index:
+    """The index of `src` in OUT made with this key and these options: the one OUT holds when `reuse` and it
+    matches, else built (`build_index`).
+
+    An index in OUT made from another source folder, another key or other options is refused unless
+    `overwrite` (then it is replaced), so the shards and the index beside them never disagree. A part of a
+    plan (`part=(i, N)`) never builds: all parts must share one index, made first (`radpretrain index`).
+    Without `reuse` an unreadable index in OUT counts as none, since it is replaced anyway.
+    """
+    src_path = check_source(src, out)
+    out_path = Path(out).expanduser().resolve()
+    existing = None
+    if reuse:
+        existing = read_index(out_path)
+    elif part is None:  # the settings of the index about to be replaced are checked all the same
+        with contextlib.suppress(ShardError):
+            existing = read_index(out_path)
+    if existing is not None:
+        problems = _differences(existing, src_path, options, pseudonymize)
+        if reuse and not problems:
+            log.info(
+                "using the index in the output folder (%d files); --reindex reads the headers again", len(existing.rows)
+            )
+            return existing
+        if problems and (part is not None or not overwrite):
+            raise ShardError(
+                f"the output folder holds an index made from {' and '.join(problems)}; use the same settings, "
+                "or rerun with --overwrite to replace it (or choose another output folder)"
+            )
+    if part is not None:
+        raise ShardError(
+            "--part needs the index that all parts share: run `radpretrain index SRC OUT` once first "
+            "(with the same options), then the parts"
+        )
+    return build_index(
+        src_path,
+        out_path,
+        pseudonymize,
+        options,
+        private_dir=private_dir,
+        workers=workers,
+        progress=progress,
+        pool=pool,
+    )
+
+
+def _differences(index: Index, src: Path, options: IndexOptions, pseudonymize: deid.Pseudonymizer) -> list[str]:
+    """What differs between the settings `index` was made with and these ("another source folder", ...)."""
+    problems = []
+    if index.meta.get("source") != pseudonymize("source", str(src)):
+        problems.append("another source folder")
+    if index.meta.get("key") != pseudonymize.fingerprint:
+        problems.append("another de-identification key")
+    old, new = index.meta.get("options") or {}, to_dict(options)
+    if old != new:
+        changes = files.changed_settings(old, new, keep=("csv_columns",))
+        problems.append("other index options" + (f" ({'; '.join(changes)})" if changes else ""))
+    return problems
 
 
 def read_private_paths(private_dir: str | Path) -> tuple[Path, dict[str, str]]:
@@ -365,14 +439,10 @@ def _index_rows(
 
 
 def _write_jsonl(path: Path, rows: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
+    with files.atomic_path(path) as tmp, tmp.open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(data, indent=1) + "\n")

@@ -11,9 +11,9 @@ import numpy as np
 
 from radpretrain.errors import ShardError
 from radpretrain.shards import reader
-from radpretrain.shards.format import ShardSet
+from radpretrain.shards.format import STATS_SUFFIX, TAR_SUFFIX, ShardSet
+from radpretrain.shards.writer import COMPOSITION_FIELDS
 
-REPORT_FIELDS = ("body_part", "age_bucket", "sex", "view", "laterality", "modality", "manufacturer")
 TILE = 192
 CAPTION = 34
 
@@ -36,7 +36,7 @@ def composition_report(root: str | Path) -> str:
         split_parts.append(f"{split} {entry['samples']} ({len(entry['shards'])} shards, {_bytes(size)})")
     lines.append("split: " + ", ".join(split_parts))
     total = max(counts.get("samples", counts["written"]), 1)
-    for name in REPORT_FIELDS:
+    for name in COMPOSITION_FIELDS:
         values = manifest.get("composition", {}).get(name, {})
         shown = ", ".join(
             f"{_label(v)} {n} ({100 * n / total:.0f}%)" for v, n in sorted(values.items(), key=lambda kv: -kv[1])
@@ -67,7 +67,7 @@ def _shard_sample_counts(root: str | Path, manifest: dict[str, Any]) -> list[tup
     found = []
     for entry in manifest["splits"].values():
         for name in entry["shards"]:
-            stats = Path(root) / name.replace(".tar", ".stats.json")
+            stats = Path(root) / (name.removesuffix(TAR_SUFFIX) + STATS_SUFFIX)
             try:
                 found.append((int(json.loads(stats.read_text())["samples"]), name))
             except (OSError, ValueError, KeyError):

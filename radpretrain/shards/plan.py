@@ -140,15 +140,6 @@ def read_plan(out: str | Path) -> dict[str, Any] | None:
         raise ShardError(f"{path} is unreadable; rerun with --overwrite to start the plan again") from None
 
 
-def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Which config values differ between two plans, for the 'different plan' message."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    return "; ".join(changes) if changes else "the source files or the key changed"
-
-
 def select_part(units: list[Unit], part: tuple[int, int] | None) -> list[Unit]:
     """Units of part i of N (0-based, round-robin so every part gets a share of each split)."""
     if part is None:

@@ -9,12 +9,17 @@ from the processes) and reports progress counts on a queue the parent drains.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import multiprocessing
 import queue
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from radpretrain.errors import ShardError
+from radpretrain.shards.sample import WriterSettings
+from radpretrain.shards.writer import UnitTask, write_unit
 
 #: glibc malloc settings for processes that decode pixels (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). By
 #: default a freed 10 MB pixel buffer goes back to the kernel and the next file's buffers are page-faulted in
@@ -95,3 +100,48 @@ class WorkerPool:
                 break
         if count:
             update(count)
+
+
+def _write_unit_in_worker(task: UnitTask, settings: WriterSettings) -> dict[str, Any]:
+    return write_unit(task, settings, progress=report)
+
+
+def write_units(
+    tasks: list[UnitTask],
+    settings: WriterSettings,
+    workers: int = 1,
+    progress: bool = True,
+    pool: WorkerPool | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Write units with `workers` processes (1: in this process); yields each unit's stats as it finishes.
+
+    `pool` (shared with the index pass) is used when given; otherwise one is started here.
+    """
+    from tqdm import tqdm
+
+    total = sum(len(t.files) for t in tasks)
+    bar = tqdm(total=total, unit="files", desc="shard", disable=not progress, smoothing=0.05)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            setup_process()
+            for task in tasks:
+                yield write_unit(task, settings, progress=bar.update)
+            return
+        with contextlib.ExitStack() as stack:
+            if pool is None:
+                pool = stack.enter_context(WorkerPool(workers))
+            pending = {pool.executor.submit(_write_unit_in_worker, task, settings) for task in tasks}
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.25, return_when="FIRST_COMPLETED")
+                pool.drain(bar.update)
+                for future in done:
+                    try:
+                        yield future.result()
+                    except concurrent.futures.process.BrokenProcessPool:
+                        raise ShardError(
+                            "a worker process died (out of memory, or a decoder crashed); finished units are "
+                            "kept: run the same command again (with fewer --workers if memory is short)"
+                        ) from None
+            pool.drain(bar.update)
+    finally:
+        bar.close()

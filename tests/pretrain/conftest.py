@@ -32,7 +32,7 @@ TINY = [
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """synth -> shard: ~200 radiographs at 64 px in 16-sample shards (about 10 train shards)."""
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.writer import shard
+    from radpretrain.shards.run import shard
     from radpretrain.synth.archive import generate
 
     root = tmp_path_factory.mktemp("tiny-archive")

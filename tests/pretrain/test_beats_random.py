@@ -26,7 +26,7 @@ def test_pretrained_encoders_beat_random_init(tmp_path: Path) -> None:
     from radpretrain.pretrain.loop import pretrain, run_probe
     from radpretrain.shards.format import ShardSet
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.writer import shard
+    from radpretrain.shards.run import shard
     from radpretrain.synth.archive import generate
 
     generate(

@@ -15,7 +15,8 @@ from radpretrain.shards import codecs, reader
 from radpretrain.shards.dicom import resize_longest
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard, stored_pixels
+from radpretrain.shards.run import shard
+from radpretrain.shards.sample import stored_pixels
 
 
 def images() -> list[np.ndarray]:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
+from radpretrain.config import to_dict
 from radpretrain.errors import ShardError
 from radpretrain.shards import deid, index
-from radpretrain.shards.index import IndexOptions, build_index, read_index, read_private_paths
+from radpretrain.shards.index import IndexOptions, build_index, current_index, read_index, read_private_paths
 from tests.shards.helpers import make_radiograph
 
 PSEUDO = deid.Pseudonymizer(b"k" * 32)
@@ -99,3 +102,75 @@ def test_bad_sources_and_folders(archive: Path, tmp_path: Path) -> None:
     (tmp_path / "out" / "index.json").write_text(json.dumps({**meta, "files": meta["files"] + 1}))
     with pytest.raises(ShardError, match="incomplete"):
         read_index(tmp_path / "out")
+
+
+def _counting_builds(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every index build current_index starts (by its output folder)."""
+    built: list[Path] = []
+    real = index.build_index
+
+    def counting(src: Any, out: Any, *args: Any, **kwargs: Any) -> index.Index:
+        built.append(Path(out))
+        return real(src, out, *args, **kwargs)
+
+    monkeypatch.setattr(index, "build_index", counting)
+    return built
+
+
+def test_current_index_reuses_the_same_settings_and_refuses_others(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = _counting_builds(monkeypatch)
+    out = tmp_path / "out"
+    first = current_index(archive, out, IndexOptions(), PSEUDO, progress=False)
+    assert len(built) == 1
+    again = current_index(archive, out, IndexOptions(), PSEUDO, progress=False)
+    assert len(built) == 1 and again.rows == first.rows, "the same settings reuse the index"
+    current_index(archive, out, IndexOptions(), PSEUDO, progress=False, reuse=False)
+    assert len(built) == 2, "without reuse the headers are read again"
+
+    other_options = IndexOptions(modalities=["CR", "CT"])
+    copy = tmp_path / "copy"
+    shutil.copytree(archive, copy, symlinks=True)
+    refusals = [
+        ((archive, other_options, PSEUDO), r"other index options \(modalities: \['CR', 'DX', .*\] -> \['CR', 'CT'\]\)"),
+        ((archive, IndexOptions(), deid.Pseudonymizer(b"o" * 32)), "another de-identification key"),
+        ((copy, IndexOptions(), PSEUDO), "another source folder"),
+    ]
+    for (src, options, pseudonymize), message in refusals:
+        for reuse in (True, False):  # the shard run and the index command refuse alike
+            with pytest.raises(ShardError, match=message + ".*--overwrite to replace it"):
+                current_index(src, out, options, pseudonymize, progress=False, reuse=reuse)
+    assert len(built) == 2, "a refused index is left as it was"
+    assert read_index(out).meta["options"] == to_dict(IndexOptions())  # type: ignore[union-attr]
+
+    replaced = current_index(archive, out, other_options, PSEUDO, progress=False, overwrite=True)
+    assert len(built) == 3 and replaced.meta["options"] == to_dict(other_options)
+    assert read_index(out).meta["options"] == to_dict(other_options)  # type: ignore[union-attr]
+
+
+def test_current_index_for_a_part_never_builds(archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _counting_builds(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(ShardError, match="--part needs the index that all parts share"):
+        current_index(archive, out, IndexOptions(), PSEUDO, progress=False, part=(0, 2))
+    assert not built and read_index(out) is None
+    made = current_index(archive, out, IndexOptions(), PSEUDO, progress=False)
+    shared = current_index(archive, out, IndexOptions(), PSEUDO, progress=False, part=(1, 2))
+    assert len(built) == 1 and shared.rows == made.rows
+    with pytest.raises(ShardError, match="--part needs the index"):  # a part never reads the headers again
+        current_index(archive, out, IndexOptions(), PSEUDO, progress=False, part=(1, 2), reuse=False)
+    with pytest.raises(ShardError, match="other index options"):  # nor replaces the shared index
+        current_index(archive, out, IndexOptions(images="yes"), PSEUDO, progress=False, part=(1, 2), overwrite=True)
+    assert len(built) == 1
+
+
+def test_current_index_rebuilds_an_unreadable_index_without_reuse(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    current_index(archive, out, IndexOptions(), PSEUDO, progress=False)
+    (out / "index.jsonl").write_text("{broken\n")
+    with pytest.raises(ShardError, match=r"unreadable.*--reindex"):
+        current_index(archive, out, IndexOptions(), PSEUDO, progress=False)
+    rebuilt = current_index(archive, out, IndexOptions(), PSEUDO, progress=False, reuse=False)
+    assert read_index(out).rows == rebuilt.rows  # type: ignore[union-attr]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temp file left"

@@ -10,7 +10,7 @@ import pytest
 from radpretrain.errors import ShardError
 from radpretrain.shards import inspect
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard
+from radpretrain.shards.run import shard
 from tests.shards.helpers import make_archive, make_radiograph
 
 

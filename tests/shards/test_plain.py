@@ -20,7 +20,7 @@ from radpretrain.shards.dicom import resize_longest
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.index import IndexOptions
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard
+from radpretrain.shards.run import shard
 
 FIGURE1 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "figure1-cxr"
 

@@ -17,7 +17,7 @@ from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import reader
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard
+from radpretrain.shards.run import shard
 from tests.shards.helpers import make_archive
 
 N = 24

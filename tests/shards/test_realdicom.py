@@ -13,7 +13,7 @@ from radpretrain.shards import deid, reader
 from radpretrain.shards.dicom import resize_longest
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard
+from radpretrain.shards.run import shard
 
 SIZE = 256
 RADIOGRAPHS = ("CR", "DX", "MG", "RF", "XA", "DR")

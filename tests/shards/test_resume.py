@@ -17,7 +17,7 @@ from radpretrain import synth
 from radpretrain.errors import ShardError
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard
+from radpretrain.shards.run import shard
 
 ARGS = ("--size", "64", "--shard-size", "3", "--val", "0.2", "--test", "0.2")
 CONFIG = ShardConfig(size=64, shard_size=3, val_fraction=0.2, test_fraction=0.2)

@@ -16,7 +16,7 @@ from radpretrain import intensity, synth
 from radpretrain.shards import deid, labels, reader
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard
+from radpretrain.shards.run import shard
 
 SIZE = 64
 

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
+from radpretrain import files
 from radpretrain.errors import ShardError
 from radpretrain.shards import deid, dicom, reader
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.index import build_index
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import robust_range, shard, stored_pixels
+from radpretrain.shards.run import remove_outputs, shard
+from radpretrain.shards.sample import robust_range, stored_pixels
+from radpretrain.shards.writer import clean_temp
 from tests.shards.helpers import make_archive, make_radiograph
 
 CONFIG = ShardConfig(size=48, shard_size=2, val_fraction=0.0, test_fraction=0.0)
@@ -128,3 +131,25 @@ def test_parts_then_manifest(tmp_path: Path) -> None:
     final = shard(tmp_path / "src", tmp_path / "out", CONFIG, key=key, progress=False)
     assert final.units_written == 0 and final.complete
     assert len(_samples(tmp_path / "out")) == 9
+
+
+def test_temp_files_of_killed_runs_are_removed_by_unit(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    finished = ["train-000000.tar", "train-000000.stats.json", "plan.json", "index.jsonl"]
+    in_flight = ["train-000001.tar", "train-000001.stats.json", "train-000002.tar", "plan.json", "manifest.json"]
+    for name in finished:
+        (out / name).write_text("x")
+    temps = {name: files.temp_path(out / name) for name in in_flight}
+    for temp in temps.values():
+        temp.write_text("partial")
+    # A part removes only the temp files of its own units: other parts write theirs into the same OUT.
+    assert clean_temp(out, ["train-000001", "train-000009"]) == 2
+    assert sorted(p.name for p in out.iterdir() if files.is_temp(p)) == sorted(
+        temps[name].name for name in ("train-000002.tar", "plan.json", "manifest.json")
+    )
+    assert clean_temp(out) == 3
+    assert sorted(p.name for p in out.iterdir()) == sorted(finished)
+    temps["train-000002.tar"].write_text("partial")
+    assert remove_outputs(out) == 4  # tar, stats, plan and the temp file; the index stays
+    assert [p.name for p in out.iterdir()] == ["index.jsonl"]
