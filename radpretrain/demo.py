@@ -97,7 +97,7 @@ def _synth(cfg: DemoConfig, paths: dict[str, Path]) -> Any:
 
 def _shard(cfg: DemoConfig, paths: dict[str, Path]) -> Any:
     from radpretrain.shards.plan import ShardConfig
-    from radpretrain.shards.writer import shard
+    from radpretrain.shards.run import shard
 
     # Small shards so that both workers and both loader processes get several each.
     config = ShardConfig(

@@ -209,25 +209,18 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 def _run_index(args: argparse.Namespace) -> int:
     from collections import Counter
-    from pathlib import Path
 
-    from radpretrain.config import to_dict
-    from radpretrain.errors import ShardError
-    from radpretrain.shards import deid
-    from radpretrain.shards.index import build_index, check_source, default_private_dir, read_index
+    from radpretrain.shards.index import index_source, private_dir_for
 
-    options = _index_options(args)
-    out = Path(args.out).expanduser().resolve()
-    check_source(args.src, out)  # before the key file is created for a run that cannot start
-    pseudonymize = deid.Pseudonymizer(deid.load_key(args.key, out=out))
-    existing = read_index(out)
-    if existing is not None and not args.overwrite and existing.meta.get("options") != to_dict(options):
-        raise ShardError(
-            f"{args.out} already holds an index made with other options; rerun with --overwrite to replace it"
-        )
-    private = Path(args.private_dir).expanduser().resolve() if args.private_dir else default_private_dir(out)
-    index = build_index(
-        args.src, out, pseudonymize, options, private_dir=private, workers=args.workers, progress=not args.no_progress
+    index = index_source(
+        args.src,
+        args.out,
+        _index_options(args),
+        key=args.key,
+        private_dir=args.private_dir,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     status = Counter(row["status"] for row in index.rows)
     reasons = Counter(row["reason"] for row in index.rows if row["reason"])
@@ -239,7 +232,9 @@ def _run_index(args: argparse.Namespace) -> int:
         status["failed"],
         (" (" + ", ".join(f"{r} {n}" for r, n in reasons.most_common()) + ")") if reasons else "",
     )
-    log.info("index: written to %s; the private path lookup is in %s", out, private)
+    log.info(
+        "index: written to %s; the private path lookup is in %s", args.out, private_dir_for(args.out, args.private_dir)
+    )
     return 0
 
 
@@ -301,7 +296,7 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
 def _run_shard(args: argparse.Namespace) -> int:
     from radpretrain.config import build, to_dict
     from radpretrain.shards.plan import ShardConfig, parse_part
-    from radpretrain.shards.writer import shard
+    from radpretrain.shards.run import shard
 
     part = parse_part(args.part) if args.part else None
     config = build(
@@ -382,12 +377,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from radpretrain.shards.inspect import inspect_shards
 
-    from radpretrain.shards.inspect import check_sheet_path, composition_report, contact_sheet
-
-    sheet = check_sheet_path(args.sheet or Path(args.out) / "contact_sheet.png")  # before the report is printed
-    print(composition_report(args.out))
-    sheet = contact_sheet(args.out, sheet, n=args.n, seed=args.seed)
+    sheet = inspect_shards(args.out, args.sheet, n=args.n, seed=args.seed)
     print(f"contact sheet: {sheet}")
     return 0

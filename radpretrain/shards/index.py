@@ -111,6 +111,15 @@ class Index:
         return build(IndexOptions, self.meta["options"])
 
 
+def private_dir_for(out: str | Path, private_dir: str | Path | None = None) -> Path:
+    """The private folder of a run: `private_dir` when given, else `OUT.private/` beside OUT."""
+    return (
+        Path(private_dir).expanduser().resolve()
+        if private_dir
+        else default_private_dir(Path(out).expanduser().resolve())
+    )
+
+
 def default_private_dir(out: str | Path) -> Path:
     """`OUT.private/` beside OUT: holds the file-path lookup that must not travel with the shards."""
     out = Path(out).expanduser().resolve()
@@ -280,6 +289,35 @@ def current_index(
         workers=workers,
         progress=progress,
         pool=pool,
+    )
+
+
+def index_source(
+    src: str | Path,
+    out: str | Path,
+    options: IndexOptions,
+    *,
+    key: str | Path | None = None,
+    private_dir: str | Path | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Index:
+    """`radpretrain index`: read every header of `src` again into OUT (an index made with other settings is
+    refused unless `overwrite`), with the pseudonym key at `key` (created when missing)."""
+    out_path = Path(out).expanduser().resolve()
+    check_source(src, out_path)  # before the key file is created for a run that cannot start
+    pseudonymize = deid.Pseudonymizer(deid.load_key(key, out=out_path))
+    return current_index(
+        src,
+        out_path,
+        options,
+        pseudonymize,
+        private_dir=private_dir_for(out_path, private_dir),
+        workers=workers,
+        progress=progress,
+        overwrite=overwrite,
+        reuse=False,
     )
 
 

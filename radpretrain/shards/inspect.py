@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,13 @@ def _tile(image01: np.ndarray) -> np.ndarray:
     y, x = (TILE - small.shape[0]) // 2, (TILE - small.shape[1]) // 2
     tile[y : y + small.shape[0], x : x + small.shape[1]] = small
     return tile
+
+
+def inspect_shards(
+    root: str | Path, sheet: str | Path | None = None, n: int = 48, seed: int = 0, show: Callable[[str], Any] = print
+) -> Path:
+    """`radpretrain inspect`: show the composition report (as soon as it is ready), then write the contact sheet
+    (default ROOT/contact_sheet.png; its path is checked before anything is read) and return its path."""
+    path = check_sheet_path(sheet or Path(root) / "contact_sheet.png")
+    show(composition_report(root))
+    return contact_sheet(root, path, n=n, seed=seed)

@@ -14,7 +14,7 @@ from radpretrain import files
 from radpretrain.errors import ShardError
 from radpretrain.shards import deid, pool
 from radpretrain.shards.format import ERRORS, MANIFEST, PLAN_FILE, STATS_SUFFIX, TAR_SUFFIX
-from radpretrain.shards.index import check_source, current_index, default_private_dir, read_private_paths
+from radpretrain.shards.index import check_source, current_index, private_dir_for, read_private_paths
 from radpretrain.shards.manifest import vocabulary, write_manifest
 from radpretrain.shards.plan import Plan, ShardConfig, make_plan, read_plan, select_part
 from radpretrain.shards.sample import WriterSettings
@@ -60,7 +60,7 @@ def shard(
     config = config or ShardConfig()
     src_path = check_source(src, out)
     out_path = Path(out).expanduser().resolve()
-    private = Path(private_dir).expanduser().resolve() if private_dir else default_private_dir(out_path)
+    private = private_dir_for(out_path, private_dir)
     pseudonymize = deid.Pseudonymizer(deid.load_key(key, out=out_path))
     deid.quiet_header_echo()
 

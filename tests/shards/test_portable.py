@@ -22,7 +22,7 @@ from radpretrain import synth
 from radpretrain.shards import codecs, portable, reader
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.plan import ShardConfig
-from radpretrain.shards.writer import shard
+from radpretrain.shards.run import shard
 
 CODEC_NAMES = sorted(codecs.CODECS)
 
