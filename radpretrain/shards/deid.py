@@ -14,7 +14,7 @@ from typing import Any
 
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import labels
-from radpretrain.shards.format import SPLITS
+from radpretrain.shards.format import SAMPLE_FIELDS, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -23,30 +23,6 @@ DEFAULT_KEY_PATH = "~/.config/radpretrain/deid.key"
 #: Hex characters kept from an HMAC-SHA256 digest: 128 bits, collision-free at archive scale.
 PSEUDONYM_CHARS = 32
 
-#: Every key a sample's json may hold; anything else is a bug and is refused before it is written.
-SAMPLE_FIELDS: tuple[str, ...] = (
-    "schema_version",
-    "patient",
-    "study",
-    "split",
-    "body_part",
-    "age_years",
-    "age_bucket",
-    "sex",
-    "view",
-    "laterality",
-    "modality",
-    "manufacturer",
-    "spacing_mm",
-    "original_shape",
-    "window_center",
-    "window_width",
-    "intensity_low",
-    "intensity_high",
-    "offset",
-    "bits_stored",
-    "transfer_syntax",
-)
 
 #: Modality codes that may be written as they are (PS3.3 C.7.3.1.1.1 plus the common non-standard DR);
 #: any other value is free text as far as we are concerned and becomes "other".

@@ -13,6 +13,32 @@ from radpretrain.errors import ShardError
 #: Version of a sample's json and of the manifest; readers refuse any other.
 SCHEMA_VERSION = 1
 
+#: Every key a sample's json holds, in the order it is written, with its type (the names of Hugging Face
+#: `datasets` value types; `list:T` a list of T). Anything else is a bug and is refused before it is written.
+SAMPLE_FIELDS: dict[str, str] = {
+    "schema_version": "int64",
+    "patient": "string",
+    "study": "string",
+    "split": "string",
+    "body_part": "string",
+    "age_years": "int64",
+    "age_bucket": "string",
+    "sex": "string",
+    "view": "string",
+    "laterality": "string",
+    "modality": "string",
+    "manufacturer": "string",
+    "spacing_mm": "list:float64",
+    "original_shape": "list:int64",
+    "window_center": "float64",
+    "window_width": "float64",
+    "intensity_low": "float64",
+    "intensity_high": "float64",
+    "offset": "int64",
+    "bits_stored": "int64",
+    "transfer_syntax": "string",
+}
+
 #: Patient-level splits, in the order manifests list them.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 

@@ -13,38 +13,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radpretrain.shards import codecs
+from radpretrain.shards.format import SAMPLE_FIELDS
 
 # torch, webdataset and datasets are imported only when asked for: users of one library need not install the others.
 if TYPE_CHECKING:
     import datasets
     import torch
 
-#: A sample's json fields and their `datasets` value types (see writer.sample_meta; a test checks the two agree).
-#: Declared because `datasets` otherwise infers them from the first 5 samples: a field null in all five
-#: (laterality, often) becomes type null, and the load fails at the first sample that has a value.
-JSON_FIELDS: dict[str, str] = {
-    "schema_version": "int64",
-    "patient": "string",
-    "study": "string",
-    "split": "string",
-    "body_part": "string",
-    "age_years": "int64",
-    "age_bucket": "string",
-    "sex": "string",
-    "view": "string",
-    "laterality": "string",
-    "modality": "string",
-    "manufacturer": "string",
-    "spacing_mm": "list:float64",
-    "original_shape": "list:int64",
-    "window_center": "float64",
-    "window_width": "float64",
-    "intensity_low": "float64",
-    "intensity_high": "float64",
-    "offset": "int64",
-    "bits_stored": "int64",
-    "transfer_syntax": "string",
-}
 
 #: PIL modes that hold a 16-bit PNG's values unchanged (current Pillow opens one as "I;16", older ones as "I").
 EXACT_PIL_MODES = ("I;16", "I;16L", "I;16B", "I")
@@ -129,7 +104,9 @@ def features(codec: str = "png") -> datasets.Features:
     pixels = datasets.Image(decode=False) if ext == "png" else datasets.Value("binary")
     return datasets.Features(
         {
-            "json": {name: value_type(kind) for name, kind in JSON_FIELDS.items()},
+            # Declared: `datasets` infers types from the first 5 samples, and a field null in all five (laterality,
+            # often) becomes type null and fails the load at the first sample that has a value.
+            "json": {name: value_type(kind) for name, kind in SAMPLE_FIELDS.items()},
             ext: pixels,
             "__key__": datasets.Value("string"),
             "__url__": datasets.Value("string"),

@@ -13,6 +13,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid, labels
+from radpretrain.shards.format import SAMPLE_FIELDS
 
 
 def test_key_created_private_and_stable(tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_unregistered_transfer_syntax_is_not_echoed() -> None:
 
 
 def _meta(**changes: object) -> dict[str, object]:
-    meta: dict[str, object] = {name: None for name in deid.SAMPLE_FIELDS}
+    meta: dict[str, object] = {name: None for name in SAMPLE_FIELDS}
     meta.update(schema_version=1, patient="a" * 32, split="train", body_part="chest", sex="M", offset=0)
     meta.update(spacing_mm=[0.5, 0.5], transfer_syntax="Explicit VR Little Endian", window_center=100.0)
     meta.update(changes)

@@ -20,7 +20,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from radpretrain import synth
 from radpretrain.shards import codecs, portable, reader
-from radpretrain.shards.format import ShardSet
+from radpretrain.shards.format import SAMPLE_FIELDS, ShardSet
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.run import shard
 
@@ -120,7 +120,7 @@ def test_datasets_default_load_reads_exactly_through_the_transform(
 def test_declared_json_fields_are_the_written_ones(stored: dict) -> None:
     for samples in stored.values():
         for sample in samples.values():
-            assert list(sample["meta"]) == list(portable.JSON_FIELDS)
+            assert list(sample["meta"]) == list(SAMPLE_FIELDS)
 
 
 def test_features_load_shards_whose_first_samples_lack_a_field(shard_sets: dict, tmp_path: Path) -> None:

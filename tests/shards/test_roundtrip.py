@@ -14,7 +14,7 @@ import pytest
 
 from radpretrain import intensity, synth
 from radpretrain.shards import deid, labels, reader
-from radpretrain.shards.format import ShardSet
+from radpretrain.shards.format import SAMPLE_FIELDS, ShardSet
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.run import shard
 
@@ -72,7 +72,7 @@ def test_round_trip_matches_ground_truth(sharded: dict[str, Any]) -> None:
     with_spacing = 0
     for sample in samples:
         info, meta, pixels = expected[sample["key"]], sample["meta"], sample["pixels"]
-        assert set(meta) == set(deid.SAMPLE_FIELDS)
+        assert set(meta) == set(SAMPLE_FIELDS)
         assert pixels.dtype == np.uint16 and pixels.ndim == 2
         assert max(pixels.shape) == min(SIZE, max(info["rows"], info["cols"]))
         assert meta["original_shape"] == [info["rows"], info["cols"]]
