@@ -142,7 +142,7 @@ def test_encoder_kernels_grouped_by_stage_and_made_variational(tmp_path):
     target = build_encoder("test_resnet")
     reference = {k: v.clone() for k, v in target.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
-    layers = dwp.make_variational(target, reloaded, stages, DwpConfig(init="prior"), generator=generator)
+    layers = dwp.make_variational(target, reloaded, stages, DwpConfig(init="paper"), generator=generator)
     # 3 stem + 2 + 2 + 1 (the bottleneck's middle) + 2 three-by-three convolutions.
     assert len(layers) == 10 and layers["layer2.0.conv2"] == "stage2"
     assert not torch.equal(target.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
