@@ -174,8 +174,11 @@ def load_arm(
     arm: EncoderArm, cfg: FinetuneConfig, dims: int = 2
 ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
     """(encoder, card of an exported folder, what `init_encoder_from` loaded) for any path `encoder` setting."""
+    from radpretrain.models.encoders import read_card
     from radpretrain.models.weights import describe_weights
 
+    if not Path(arm.source).exists() and Path(arm.source).suffix not in WEIGHT_SUFFIXES:
+        read_card(arm.source)  # a missing folder: say what it should hold, as for an export
     weights = describe_weights(arm.source)
     if weights.kind == "radpretrain" and arm.architecture is None:
         encoder, card = load_checked_encoder(weights.path, cfg)
