@@ -153,3 +153,17 @@ def test_unreadable_and_unsupported_weights_give_config_errors(tmp_path: Path) -
     text.write_text("weights")
     with pytest.raises(ConfigError, match="not a weights file radpretrain reads"):
         init_encoder_from(encoder, text)
+
+
+def test_a_dinov2_layout_file_loads_through_timms_own_conversion(tmp_path: Path) -> None:
+    # RAD-DINO's `backbone_compatible.safetensors` uses the DINOv2 repository's layout: timm's keys plus a
+    # mask_token, which timm's ViT checkpoint filter removes (without it the key would be refused as unexpected).
+    source = rgb_model("test_vit", seed=2)
+    state = {k: v.contiguous() for k, v in tensors(source).items() if not k.startswith("head.")}
+    state["mask_token"] = torch.zeros(1, source.embed_dim)
+    path = tmp_path / "backbone_compatible.safetensors"
+    save_file(state, str(path))
+    encoder = build_encoder("test_vit", img_size=64)
+    info = init_encoder_from(encoder, path)
+    assert info["format"] == "safetensors" and info["architecture"] is None and info["dropped"] == []
+    assert torch.equal(encoder.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
