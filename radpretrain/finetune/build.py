@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,15 +70,63 @@ def outputs_of(cohort: Cohort) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EncoderArm:
+    """One `encoder` setting: `[NAME=][ARCH@]PATH` (existing weights) or a timm name (built at random).
+
+    PATH is an exported radpretrain encoder folder, a timm / Hugging Face model folder or a bare weights file
+    (`radpretrain.models.weights`). NAME labels the arm in sweep results and reports (default: the folder or
+    file name); ARCH gives the timm architecture of a file that does not name one.
+    """
+
+    text: str
+    #: The arm's label in results: NAME, else the text as given (reports show its last path part).
+    label: str
+    #: The path of the weights, or the timm name.
+    source: str
+    #: The timm architecture given as ARCH@ (None: from the weights, or `source` for a timm name).
+    architecture: str | None = None
+
+    @property
+    def is_path(self) -> bool:
+        return is_encoder_folder(self.source)
+
+
+_WORD = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def parse_encoder(value: str) -> EncoderArm:
+    """`imagenet=resnet50@/w/r50.safetensors` -> EncoderArm(label imagenet, arch resnet50, source the file);
+    `scratch=resnet50` labels a timm name. An existing path is taken whole even when it holds `=` or `@`."""
+    text = value.strip()
+    if Path(text).exists():
+        return EncoderArm(text, text, text)
+    label: str | None = None
+    rest = text
+    name, sep, after = rest.partition("=")
+    if sep and _WORD.match(name) and after:
+        label, rest = name, after
+    architecture: str | None = None
+    arch, sep, after = rest.partition("@")
+    if sep and _WORD.match(arch) and after and is_encoder_folder(after):
+        architecture, rest = arch, after
+    return EncoderArm(text, label if label is not None else text, rest, architecture)
+
+
 def is_encoder_folder(value: str) -> bool:
-    """Whether `encoder` names an exported encoder (a path) rather than a timm architecture name."""
+    """Whether `encoder` names existing weights (a path) rather than a timm architecture name."""
     path = Path(value)
-    return path.is_dir() or path.suffix in (".json", ".safetensors") or "/" in value or "\\" in value
+    return path.is_dir() or path.suffix in WEIGHT_SUFFIXES or "/" in value or "\\" in value
+
+
+#: File suffixes `encoder` takes as weights rather than a timm name.
+WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth")
 
 
 def load_checked_encoder(path: str | Path, cfg: FinetuneConfig) -> tuple[nn.Module, dict[str, Any]]:
     """Load an exported encoder, refusing one whose intensity convention, channels or input size do not fit."""
-    from radpretrain.models.encoders import load_encoder, read_card
+    from radpretrain.models.encoders import build_encoder, read_card
+    from radpretrain.models.weights import init_encoder_from
 
     card = read_card(path)
     intensity.check_convention(str(card.get("intensity_convention")), f"encoder {path}")
@@ -92,7 +141,50 @@ def load_checked_encoder(path: str | Path, cfg: FinetuneConfig) -> tuple[nn.Modu
             f"encoder {path} has a fixed input size of {fixed} px but size={cfg.size}; set size={fixed} "
             "(or export an encoder built for this size)"
         )
-    return load_encoder(path).train(), card
+    kwargs = card.get("build_kwargs") or {}
+    encoder = build_encoder(str(card["timm_name"]), in_chans=1, img_size=card.get("img_size"), **kwargs)
+    init_encoder_from(encoder, path)
+    return encoder.train(), card
+
+
+#: timm constructor arguments a model folder may record that radpretrain sets itself.
+_FIXED_ARGS = ("pretrained", "num_classes", "features_only", "pretrained_cfg_overlay", "in_chans", "img_size")
+
+
+def load_weights_encoder(arm: EncoderArm, cfg: FinetuneConfig, dims: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the architecture of a timm / Hugging Face folder or bare weights file for one-channel inputs of
+    `cfg.size` and load the weights into it (stems folded, heads dropped); returns (encoder, what was loaded)."""
+    from radpretrain.models.encoders import build_encoder
+    from radpretrain.models.weights import base_architecture, describe_weights, init_encoder_from
+
+    weights = describe_weights(arm.source)
+    architecture = arm.architecture or weights.architecture
+    if architecture is None:
+        raise ConfigError(
+            f"{arm.source} does not say which architecture its weights are for; write the encoder as "
+            f"ARCH@{arm.source} (e.g. resnet50@{arm.source}), optionally NAME=ARCH@PATH"
+        )
+    kwargs = {k: v for k, v in weights.model_args.items() if k not in _FIXED_ARGS}
+    encoder = build_encoder(base_architecture(architecture), img_size=cfg.size if dims == 2 else None, **kwargs)
+    info = init_encoder_from(encoder, weights.path)
+    return encoder.train(), info
+
+
+def load_arm(
+    arm: EncoderArm, cfg: FinetuneConfig, dims: int = 2
+) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
+    """(encoder, card of an exported folder, what `init_encoder_from` loaded) for any path `encoder` setting."""
+    from radpretrain.models.encoders import read_card
+    from radpretrain.models.weights import describe_weights
+
+    if not Path(arm.source).exists() and Path(arm.source).suffix not in WEIGHT_SUFFIXES:
+        read_card(arm.source)  # a missing folder: say what it should hold, as for an export
+    weights = describe_weights(arm.source)
+    if weights.kind == "radpretrain" and arm.architecture is None:
+        encoder, card = load_checked_encoder(weights.path, cfg)
+        return encoder, card, {"path": str(weights.path), "format": weights.kind, "architecture": card["timm_name"]}
+    encoder, info = load_weights_encoder(arm, cfg, dims)
+    return encoder, None, info
 
 
 def fixed_input_size(card: dict[str, Any]) -> int | None:
@@ -114,6 +206,7 @@ def fixed_input_size(card: dict[str, Any]) -> int | None:
 def build_model(cfg: FinetuneConfig, cohort: Cohort, device: str | torch.device = "cpu") -> Built:
     """Encoder (exported folder or timm name) -> strategy prepare and init -> (inflation) -> head -> strategy wrap."""
     from radpretrain.models.encoders import build_encoder, encoder_stages
+    from radpretrain.models.weights import encoder_architecture
 
     spec = parse_spec(cfg.strategy)
     strategy = build_strategy(spec)
@@ -124,23 +217,26 @@ def build_model(cfg: FinetuneConfig, cohort: Cohort, device: str | torch.device 
         return _build_baseline(cfg, cohort, spec, strategy, outputs, dims)
 
     card: dict[str, Any] | None = None
-    if is_encoder_folder(cfg.encoder):
-        encoder, card = load_checked_encoder(cfg.encoder, cfg)
+    loaded: dict[str, Any] | None = None
+    arm = parse_encoder(cfg.encoder)
+    if arm.is_path:
+        encoder, card, loaded = load_arm(arm, cfg, dims)
     else:
         if type(strategy).needs_pretrained:
             raise ConfigError(
                 f"strategy '{spec}' transfers pretrained weights but encoder '{cfg.encoder}' is not an exported "
                 "encoder folder; give encoder=<folder written by radpretrain export> or use strategy random"
             )
-        encoder = build_encoder(cfg.encoder, img_size=cfg.size if dims == 2 else None)
+        encoder = build_encoder(arm.source, img_size=cfg.size if dims == 2 else None)
 
     ctx = TransferContext(
         stages=encoder_stages(encoder), options=cfg.options, dwp=cfg.dwp, seed=cfg.seed, device=device
     )
     origin = EncoderOrigin(
-        name=str(card["timm_name"]) if card is not None else cfg.encoder,
+        name=encoder_architecture(encoder),
         card=card,
-        load=lambda path: load_checked_encoder(path, cfg)[0],
+        load=lambda path: load_source(path, encoder, cfg),
+        pretrained=arm.is_path,
     )
     strategy.prepare(encoder, ctx, origin)
     strategy.init_encoder(encoder, ctx)
@@ -150,7 +246,34 @@ def build_model(cfg: FinetuneConfig, cohort: Cohort, device: str | torch.device 
         encoder = inflate(encoder, cfg.inflate)
     model = _with_head(encoder, cohort, outputs, dims)
     strategy.wrap(model, ctx)
-    return Built(model, strategy, spec, ctx, card)
+    return Built(model, strategy, spec, ctx, card, {"init": loaded} if loaded is not None else {})
+
+
+def load_source(path: str | Path, like: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """Another encoder of `like`'s architecture (and build options) with the weights at `path` (any kind
+    `init_encoder_from` reads), for a strategy that gathers source models (the DWP); weights made for another
+    architecture are refused in one line naming both."""
+    from radpretrain.models.encoders import build_encoder
+    from radpretrain.models.weights import base_architecture, describe_weights, encoder_architecture, init_encoder_from
+
+    weights = describe_weights(path)
+    target = encoder_architecture(like)
+    if weights.kind == "radpretrain":
+        if weights.architecture is not None and base_architecture(weights.architecture) != target:
+            raise ConfigError(
+                f"weights in {weights.path} are for '{weights.architecture}', the encoder is '{target}'; sources "
+                "must share the target's architecture (the prior groups kernels by stage)"
+            )
+        return load_checked_encoder(weights.path, cfg)[0]
+    build = dict(getattr(like, "radpretrain_build", None) or {})
+    source = build_encoder(
+        str(build.get("name", target)),
+        in_chans=int(build.get("in_chans", 1)),
+        img_size=build.get("img_size"),
+        **(build.get("kwargs") or {}),
+    )
+    init_encoder_from(source, weights.path)
+    return source.train()
 
 
 def _with_head(encoder: nn.Module, cohort: Cohort, outputs: int, dims: int) -> nn.Module:

@@ -72,10 +72,25 @@ class StrategyOptions:
 
 @dataclass
 class DwpConfig:
-    """The deep weight prior: kernel VAEs trained on source models, then a variational finetune."""
+    """The deep weight prior: kernel VAEs trained on source models, then variational training of the encoder.
 
-    #: Exported encoder folders (or finetune runs' `encoder/` folders) whose kernels train the prior;
-    #: empty: the run's own encoder.
+    `init` picks one of two recipes:
+
+    - `paper` (default; Atanov et al. 2018, https://arxiv.org/abs/1810.06943, and its code's `--init_list vae`;
+      Kuzina et al. 2019, https://arxiv.org/abs/1906.12281): the prior learns from the kernels of `sources`,
+      separate models trained beforehand (required; the run's own encoder weights are refused as a source). The
+      target trains from scratch: the convolutions the prior covers start with posterior means sampled from the
+      prior, every other weight is He-initialised as in `random`. The transfer is the prior alone, so the
+      target encoder only fixes the architecture.
+    - `encoder` (radpretrain's recipe before; not the paper's): with no `sources` the prior learns from the run's
+      own pretrained encoder, and the posterior means start at that encoder's kernels, the other weights kept.
+      This is a pretrained finetune with a learned kernel regulariser: its prior is fitted to the very kernels
+      it starts from, so the KL term mostly pulls towards the starting point.
+    """
+
+    #: Exported encoder folders, timm / Hugging Face model folders or weights files (the target's
+    #: architecture) whose kernels train the prior; required with init=paper, empty with init=encoder: the
+    #: run's own encoder.
     sources: list[Path] = field(default_factory=list)
     #: Latent size of each kernel VAE (6 as in Kuzina et al. 2019).
     latent: int = 6
@@ -85,8 +100,9 @@ class DwpConfig:
     vae_lr: float = 1e-3
     #: Kernels are grouped by encoder stage (one VAE per stage) or by layer (one VAE per conv).
     groups: Literal["stage", "layer"] = "stage"
-    #: Posterior means start from the pretrained kernels or from samples of the prior (Atanov et al.).
-    init: Literal["pretrained", "prior"] = "pretrained"
+    #: The recipe (see above): paper (separate sources, posterior means sampled from the prior, the rest
+    #: fresh) or encoder (the run's own encoder as default source, posterior means at its kernels).
+    init: Literal["paper", "encoder"] = "paper"
     #: Initial log variance of the Gaussian posterior of every kernel weight.
     init_log_var: float = -10.0
     #: Weight of the KL bound in the loss (1.0 is the ELBO, with the likelihood summed over pixels).
@@ -131,8 +147,10 @@ class FinetuneConfig:
     label_column: str = "label"
     #: The structure to segment when the cohort table holds several (synthetic masks: lungs, heart, bones).
     structure: str | None = None
-    #: An exported encoder folder (encoder.safetensors + encoder.json), or a timm encoder name for
-    #: from-scratch runs (strategy `random`).
+    #: An exported encoder folder (encoder.safetensors + encoder.json), existing weights on disk (a timm or
+    #: Hugging Face model folder: config.json + model.safetensors or pytorch_model.bin; a bare .safetensors /
+    #: .bin / .pt / .pth file, written ARCH@FILE when it does not name its timm architecture), or a timm
+    #: encoder name for from-scratch runs (strategy `random`). `NAME=...` names the arm in sweep reports.
     encoder: str = "resnet18"
     #: A from-scratch 3D baseline from `radpretrain.models.baselines3d.MODELS` instead of an encoder.
     model: str | None = None
@@ -190,7 +208,9 @@ class SweepConfig:
     #: Different patient-level subsets drawn from one pool per label count.
     repeats: int = 3
     strategies: list[str] = field(default_factory=lambda: ["random", "full"])
-    #: Encoders to compare (exported folders or timm names); `model:NAME` is a from-scratch 3D baseline
+    #: Encoders to compare, each an `encoder` setting: exported folders, timm / Hugging Face model folders or
+    #: weights files (`[NAME=][ARCH@]PATH`, e.g. `imagenet=weights/resnet50.a1_in1k`), or timm names; NAME
+    #: labels the arm in results and reports. `model:NAME` is a from-scratch 3D baseline
     #: (`radpretrain.models.baselines3d.MODELS`: unet, meshnet, resunet). Empty: `finetune.encoder`.
     encoders: list[str] = field(default_factory=list)
     #: Held-out test set: this many cases (patient-level) if set, else `test_fraction` of the cohort.

@@ -301,8 +301,9 @@ def make_variational(
 ) -> dict[str, str]:
     """Replace the encoder's convolutions that have a prior by `VariationalConv`; returns layer -> group.
 
-    With `cfg.init == "prior"` the posterior means start from kernels sampled from the prior (Atanov et
-    al.'s DWP initialisation), otherwise from the encoder's (pretrained) kernels.
+    With `cfg.init == "paper"` the posterior means start from kernels sampled from the prior (Atanov et al.'s
+    code, `--init_list vae`; Kuzina et al. likewise), with `"encoder"` from the encoder's (pretrained) kernels.
+    The log variances start at `cfg.init_log_var` either way.
     """
     layers: dict[str, str] = {}
     for name, module in list(encoder.named_modules()):
@@ -313,7 +314,7 @@ def make_variational(
         if vae is None or vae.kernel_dim != module.weight.shape[-1] * module.weight.shape[-2]:
             continue
         layer = VariationalConv(module, cfg.init_log_var)
-        if cfg.init == "prior":
+        if cfg.init == "paper":
             with torch.no_grad():
                 n = flat_kernels(layer.weight).shape[0]
                 layer.weight.copy_(vae.sample(n, generator).cpu().reshape(layer.weight.shape))

@@ -65,10 +65,13 @@ class EncoderOrigin:
 
     #: The target's timm architecture name.
     name: str
-    #: The target's card when it came from an exported folder (None: built from a timm name).
+    #: The target's card when it came from an exported folder (None: a timm name or a timm checkpoint).
     card: dict[str, Any] | None
-    #: Loads another exported encoder with the checks the target passed (convention, channels, size).
+    #: Loads another encoder of the target's architecture from weights on disk (an exported folder with the
+    #: checks the target passed, a timm / Hugging Face folder or a bare file).
     load: Callable[[str | Path], nn.Module]
+    #: Whether the target came with weights (a path) rather than as a bare timm architecture.
+    pretrained: bool = True
 
 
 @dataclass(frozen=True)
@@ -297,8 +300,9 @@ class LinearProbeFinetune(Strategy):
 
 @STRATEGIES.register("dwp")
 class DeepWeightPrior(Strategy):
-    """The deep weight prior [2]: a variational finetune of the encoder's convolutions with kernel VAEs,
-    trained on the source encoders' kernels, as an implicit prior (see `radpretrain.finetune.dwp`)."""
+    """The deep weight prior [2]: variational training of the encoder's convolutions with kernel VAEs, trained on
+    the source encoders' kernels, as an implicit prior (see `radpretrain.finetune.dwp`; `dwp.init` picks the
+    paper's recipe or the pretrained-encoder one, `DwpConfig` says how they differ)."""
 
     def __init__(self, arg: str | None = None) -> None:
         super().__init__(arg)
@@ -308,26 +312,38 @@ class DeepWeightPrior(Strategy):
         self.kl_weight = 1.0
 
     def prepare(self, encoder: nn.Module, ctx: TransferContext, origin: EncoderOrigin) -> None:
-        """The source encoders: `dwp.sources`, else the pretrained target itself (a copy, before any change)."""
-        from radpretrain.models.encoders import read_card
-
+        """The source encoders: `dwp.sources`; with `dwp.init=encoder` and no sources, the pretrained target
+        itself (a copy, before any change). `dwp.init=paper` refuses the target's own weights as a source."""
         if not ctx.dwp.sources:
-            if origin.card is None:
+            if ctx.dwp.init == "paper":
+                raise ConfigError(
+                    "strategy dwp (dwp.init=paper) learns its prior from separate source models: set "
+                    "dwp.sources=[...] (exported encoders or timm checkpoints of the target's architecture), or "
+                    "dwp.init=encoder to learn it from this run's own encoder"
+                )
+            if not origin.pretrained:
                 raise ConfigError(
                     "strategy dwp needs source kernels: set dwp.sources or give a pretrained encoder folder"
                 )
             ctx.sources = [copy.deepcopy(encoder)]
             return
-        sources = []
-        for path in ctx.dwp.sources:
-            source_name = read_card(path)["timm_name"]
-            if source_name != origin.name:
-                raise ConfigError(
-                    f"dwp source {path} is a '{source_name}' encoder but the target is '{origin.name}'; the prior "
-                    "groups kernels by stage, so sources must share the target's architecture"
-                )
-            sources.append(origin.load(path))
+        sources = [origin.load(path) for path in ctx.dwp.sources]
+        if ctx.dwp.init == "paper" and origin.pretrained:
+            own = encoder.state_dict()
+            for path, source in zip(ctx.dwp.sources, sources, strict=True):
+                theirs = source.state_dict()
+                if all(k in theirs and torch.equal(v, theirs[k]) for k, v in own.items() if v.is_floating_point()):
+                    raise ConfigError(
+                        f"dwp source {path} holds this run's own encoder weights; dwp.init=paper learns the prior "
+                        "from separate source models (give others, or set dwp.init=encoder)"
+                    )
         ctx.sources = sources
+
+    def init_encoder(self, encoder: nn.Module, ctx: TransferContext) -> None:
+        """dwp.init=paper trains the target from scratch, as Atanov et al.'s code does: every weight the prior does
+        not cover is freshly initialised here, and `wrap` draws the covered kernels from the prior."""
+        if ctx.dwp.init == "paper":
+            he_init_(encoder)
 
     def wrap(self, model: nn.Module, ctx: TransferContext) -> None:
         from radpretrain.finetune import dwp

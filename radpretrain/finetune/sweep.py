@@ -144,8 +144,15 @@ class Cell:
         return f"{self.encoder}|{self.strategy}|n{self.n_labels}|r{self.repeat}"
 
     @property
+    def label(self) -> str:
+        """The encoder as results and reports name it: NAME of `NAME=PATH`, else the setting as given."""
+        from radpretrain.finetune.build import parse_encoder
+
+        return parse_encoder(self.encoder).label
+
+    @property
     def folder(self) -> str:
-        label = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{Path(self.encoder).name}_{self.strategy}")
+        label = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{Path(self.label).name}_{self.strategy}")
         return f"{label}_n{self.n_labels}_r{self.repeat}"
 
 
@@ -186,7 +193,7 @@ def finished_cells(results: Path) -> set[str]:
 
 def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
     """Refuse a grid that cannot run before any cell runs: label counts, strategy specs, encoders."""
-    from radpretrain.finetune.build import is_encoder_folder
+    from radpretrain.finetune.build import is_encoder_folder, parse_encoder
     from radpretrain.finetune.strategies import STRATEGIES, parse_spec
 
     too_many = [n for n in cfg.label_counts if n > len(pool)]
@@ -202,35 +209,46 @@ def check_cells(cfg: SweepConfig, cohort: Cohort, pool: list[Case]) -> None:
         if parsed.weak != "none" and cfg.finetune.weak.cohort is None:
             raise ConfigError(f"strategy '{spec}' trains on a weak-label cohort first; set finetune.weak.cohort")
         for encoder in cfg.encoders or [cfg.finetune.encoder]:
+            weights = parse_encoder(encoder).source
             baseline = encoder.startswith(MODEL_PREFIX) or cfg.finetune.model is not None
             if baseline and strategy_type.needs_pretrained:
                 raise ConfigError(
                     f"strategy '{spec}' transfers pretrained weights but '{encoder}' is a from-scratch model; "
                     "pair from-scratch models with random (or weak+random / weak-only) only, in a separate sweep"
                 )
-            if strategy_type.needs_pretrained and not is_encoder_folder(encoder):
+            if strategy_type.needs_pretrained and not is_encoder_folder(weights):
                 raise ConfigError(
                     f"strategy '{spec}' transfers pretrained weights but encoder '{encoder}' is not an exported "
                     "encoder folder; give a folder written by `radpretrain export` or drop the strategy"
                 )
-            if is_encoder_folder(encoder) and not Path(encoder).exists():
-                raise ConfigError(f"encoder folder {encoder} does not exist")
+            if is_encoder_folder(weights) and not Path(weights).exists():
+                raise ConfigError(f"encoder folder {weights} does not exist")
     _check_names(cfg)
 
 
 def _check_names(cfg: SweepConfig) -> None:
     """Unknown encoder and model names fail now, not when their first cell runs."""
-    from radpretrain.finetune.build import is_encoder_folder
+    from radpretrain.finetune.build import is_encoder_folder, parse_encoder
     from radpretrain.models.baselines3d import MODELS
     from radpretrain.models.encoders import check_encoder_name
 
     if cfg.finetune.model is not None:
         MODELS.get(cfg.finetune.model)
+    shown: dict[str, str] = {}
     for encoder in cfg.encoders or [cfg.finetune.encoder]:
+        arm = parse_encoder(encoder)
         if encoder.startswith(MODEL_PREFIX):
             MODELS.get(encoder[len(MODEL_PREFIX) :])
-        elif cfg.finetune.model is None and not is_encoder_folder(encoder):
-            check_encoder_name(encoder)
+        elif cfg.finetune.model is None and not is_encoder_folder(arm.source):
+            check_encoder_name(arm.source)
+        # Reports label an arm by the last part of its encoder's name; two arms must not share one.
+        name = Path(arm.label).name
+        if name in shown and shown[name] != encoder:
+            raise ConfigError(
+                f"encoders '{shown[name]}' and '{encoder}' would both be reported as '{name}'; name the arms, "
+                f"e.g. a={shown[name]} b={arm.source}"
+            )
+        shown[name] = encoder
 
 
 #: Settings that may change between runs of one sweep folder (how it runs, not what it measures); the
@@ -311,7 +329,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
         row = {
             "cell": cell.id,
             "status": "ok",
-            "encoder": cell.encoder,
+            "encoder": cell.label,
             "strategy": cell.strategy,
             "n_labels": cell.n_labels,
             "repeat": cell.repeat,

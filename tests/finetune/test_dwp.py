@@ -142,7 +142,7 @@ def test_encoder_kernels_grouped_by_stage_and_made_variational(tmp_path):
     target = build_encoder("test_resnet")
     reference = {k: v.clone() for k, v in target.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
-    layers = dwp.make_variational(target, reloaded, stages, DwpConfig(init="prior"), generator=generator)
+    layers = dwp.make_variational(target, reloaded, stages, DwpConfig(init="paper"), generator=generator)
     # 3 stem + 2 + 2 + 1 (the bottleneck's middle) + 2 three-by-three convolutions.
     assert len(layers) == 10 and layers["layer2.0.conv2"] == "stage2"
     assert not torch.equal(target.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
@@ -160,3 +160,120 @@ def test_no_matching_layers_is_a_clear_error():
         dwp.make_variational(nn.Sequential(nn.Conv2d(1, 2, 3)), prior, [["0"]], DwpConfig())
     with pytest.raises(ConfigError, match="no convolutions with k x k kernels"):
         dwp.collect_kernels([nn.Sequential(nn.Conv2d(1, 2, 1))], [["0"]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The two recipes (dwp.init): the paper's (separate sources, posterior from prior samples) and the encoder one.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dwp_cfg(cohort, encoder, **dwp_options):
+    from radpretrain.finetune.config import FinetuneConfig
+
+    options = {"vae_steps": 5, "vae_batch": 64, "hidden": 8, "kernel_sample": 64, **dwp_options}
+    return FinetuneConfig(
+        cohort=cohort,
+        structure="lungs",
+        encoder=str(encoder),
+        strategy="dwp",
+        size=32,
+        seed=3,
+        cpu=True,
+        dwp=DwpConfig(**options),
+    )
+
+
+@pytest.fixture(scope="module")
+def source_models(tmp_path_factory):
+    """Two separately 'trained' test_resnets: an exported encoder and a three-channel timm hub checkpoint."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    from radpretrain.models.encoders import save_encoder
+
+    out = tmp_path_factory.mktemp("dwp-sources")
+    torch.manual_seed(11)
+    exported = build_encoder("test_resnet")
+    with torch.no_grad():
+        for p in exported.parameters():
+            p.mul_(1.0 + 0.2 * torch.randn_like(p))
+    save_encoder(exported, out / "a", {"pretext_tasks": {"none": 1.0}})
+    save_for_hf(timm.create_model("test_resnet", pretrained=False), str(out / "b"), safe_serialization=True)
+    return [out / "a", out / "b"]
+
+
+def test_paper_recipe_needs_separate_sources(lung_cohort, pretrained_encoder):
+    from radpretrain.data.cohorts import load_cohort
+    from radpretrain.finetune.build import build_model
+
+    cohort = load_cohort(lung_cohort, structure="lungs")
+    assert DwpConfig().init == "paper"
+    with pytest.raises(ConfigError, match=r"learns its prior from separate source models: set dwp.sources"):
+        build_model(_dwp_cfg(lung_cohort, pretrained_encoder), cohort)
+    with pytest.raises(ConfigError, match="holds this run's own encoder weights"):
+        build_model(_dwp_cfg(lung_cohort, pretrained_encoder, sources=[pretrained_encoder]), cohort)
+
+
+def test_paper_recipe_starts_from_prior_samples_and_fresh_weights(lung_cohort, pretrained_encoder, source_models):
+    from safetensors.torch import load_file
+
+    from radpretrain.data.cohorts import load_cohort
+    from radpretrain.finetune.build import build_model
+
+    dwp._MEMORY.clear()
+    cohort = load_cohort(lung_cohort, structure="lungs")
+    cfg = _dwp_cfg(lung_cohort, pretrained_encoder, sources=source_models)
+    built = build_model(cfg, cohort)
+    encoder, strategy = built.model.encoder, built.strategy
+    pretrained = load_file(str(pretrained_encoder / "encoder.safetensors"))
+    # The prior learned from the two sources' kernels, not from the target's.
+    sources = [built.ctx.sources[0], built.ctx.sources[1]]
+    kernels = dwp.collect_kernels(sources, built.ctx.stages, "stage")
+    assert dwp.prior_key(kernels, cfg.dwp, cfg.dwp.seed) in dwp._MEMORY
+    # Posterior means: draws from the learned prior with the run's seed, in layer order; variances at init_log_var.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for name, group in strategy.layers.items():
+        layer = encoder.get_submodule(name)
+        n = dwp.flat_kernels(layer.weight).shape[0]
+        expected = strategy.prior.vae(group).sample(n, generator).reshape(layer.weight.shape)
+        torch.testing.assert_close(layer.weight.detach(), expected)
+        assert torch.all(layer.log_var == cfg.dwp.init_log_var)
+        assert not torch.equal(layer.weight.detach(), pretrained[f"{name}.weight"])
+    # Every other weight starts fresh (He init, as in `random`): the target fixes the architecture only.
+    assert torch.equal(encoder.conv1[1].weight, torch.ones_like(encoder.conv1[1].weight))
+    assert not torch.equal(encoder.conv1[1].weight, pretrained["conv1.1.weight"])
+    assert not torch.equal(encoder.layer3[0].conv1.weight, pretrained["layer3.0.conv1.weight"])  # a 1x1
+
+
+def test_encoder_recipe_keeps_todays_behaviour(lung_cohort, pretrained_encoder, source_models):
+    from safetensors.torch import load_file
+
+    from radpretrain.data.cohorts import load_cohort
+    from radpretrain.finetune.build import build_model
+
+    cohort = load_cohort(lung_cohort, structure="lungs")
+    pretrained = load_file(str(pretrained_encoder / "encoder.safetensors"))
+    for sources in ([], source_models):
+        built = build_model(_dwp_cfg(lung_cohort, pretrained_encoder, init="encoder", sources=sources), cohort)
+        encoder = built.model.encoder
+        if not sources:
+            # No sources: the prior learns from a copy of the run's own pretrained encoder.
+            (own,) = built.ctx.sources
+            assert torch.equal(own.layer1[0].conv1.weight, pretrained["layer1.0.conv1.weight"])
+        # Posterior means at the pretrained kernels, every other weight kept.
+        for name in built.strategy.layers:
+            assert torch.equal(encoder.get_submodule(name).weight.detach(), pretrained[f"{name}.weight"])
+        assert torch.equal(encoder.conv1[1].weight, pretrained["conv1.1.weight"])
+
+
+def test_sources_of_another_architecture_are_refused(lung_cohort, pretrained_encoder, tmp_path):
+    import timm
+    from timm.models._hub import save_for_hf
+
+    from radpretrain.data.cohorts import load_cohort
+    from radpretrain.finetune.build import build_model
+
+    save_for_hf(timm.create_model("resnet18", pretrained=False), str(tmp_path / "r18"), safe_serialization=True)
+    cfg = _dwp_cfg(lung_cohort, pretrained_encoder, sources=[tmp_path / "r18"])
+    with pytest.raises(ConfigError, match="are for 'resnet18', the encoder is 'test_resnet'"):
+        build_model(cfg, load_cohort(lung_cohort, structure="lungs"))

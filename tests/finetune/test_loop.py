@@ -43,7 +43,7 @@ def tiny(cohort, encoder, out, **overrides) -> FinetuneConfig:
         "cpu": True,
         "out": out,
         "progress": False,
-        "dwp": DwpConfig(vae_steps=30, vae_batch=256, hidden=16, kernel_sample=256),
+        "dwp": DwpConfig(vae_steps=30, vae_batch=256, hidden=16, kernel_sample=256, init="encoder"),
     }
     values.update(overrides)
     return FinetuneConfig(**values)
@@ -215,7 +215,7 @@ def run(strategy):
     run_finetune(FinetuneConfig(
         cohort={str(lung_cohort)!r}, structure="lungs", encoder={str(pretrained_encoder)!r}, size=32, epochs=1,
         batch_size=4, n_train=4, cpu=True, progress=False, out={str(tmp_path)!r} + "/" + strategy,
-        strategy=strategy, dwp=DwpConfig(vae_steps=2, vae_batch=64, hidden=8, kernel_sample=64),
+        strategy=strategy, dwp=DwpConfig(vae_steps=2, vae_batch=64, hidden=8, kernel_sample=64, init="encoder"),
     ))
     return "radpretrain.finetune.dwp" in sys.modules
 
