@@ -122,3 +122,53 @@ def test_centering_spreads_cosines_of_positive_features() -> None:
     features = np.abs(rng.standard_normal((200, 32))).astype(np.float32) + 1.0  # pooled ReLU outputs: all > 0
     raw, centred = unit_rows(features, center=False), unit_rows(features, center=True)
     assert np.median(raw @ raw.T) > 0.9 and abs(np.median(centred @ centred.T)) < 0.2
+
+
+@pytest.mark.slow
+def test_two_processes_embed_each_sample_once_and_match_one(planted: Planted, tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default port
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",  # with Accelerator(cpu=True): two gloo processes on a CPU machine
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={port}",
+        "-m",
+        "radpretrain",
+        "embed",
+        str(planted.encoder),
+        str(planted.shards),
+        str(tmp_path / "two"),
+        "--cpu",
+        "--workers=0",
+        "--threshold=0.999",
+        "--map=none",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("embedded ") == 1  # the main process reports once
+    assert main(["embed", str(planted.encoder), str(planted.shards), str(tmp_path / "one"), "--cpu"]) == 0
+
+    two, one = (pq.read_table(tmp_path / name / "embeddings.parquet") for name in ("two", "one"))
+    assert two.column("key").to_pylist() == one.column("key").to_pylist()  # every sample once, same order
+    np.testing.assert_allclose(
+        np.stack(two.column("embedding").to_numpy(zero_copy_only=False)),
+        np.stack(one.column("embedding").to_numpy(zero_copy_only=False)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    with (tmp_path / "two" / "near_duplicates.csv").open() as handle:
+        found = {frozenset((row["key_a"], row["key_b"])) for row in csv.DictReader(handle)}
+    assert found == {frozenset((a, b)) for a, b, _ in planted.pairs}
+    assert not list((tmp_path / "two").glob(".*"))  # the part files are gone
