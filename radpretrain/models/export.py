@@ -302,13 +302,20 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False) -> str:
     except ImportError:
         raise ConfigError(f"--push-to-hub needs huggingface_hub: {EXTRA}") from None
     api = HfApi()
-    url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo,
-        repo_type="model",
-        commit_message=f"radpretrain {__version__} export",
-    )
+    try:
+        url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo,
+            repo_type="model",
+            commit_message=f"radpretrain {__version__} export",
+        )
+    except Exception as exc:  # the hub client's HTTP, auth and network errors: the folder itself is complete
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"upload to hub repo '{repo}' failed ({first}); {folder} is complete: log in (`hf auth login` or HF_TOKEN) "
+            "and run the export again with --push-to-hub, or upload the folder yourself"
+        ) from None
     return str(url)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 import radpretrain
 from radpretrain import intensity
 from radpretrain.cli import main
+from radpretrain.errors import ConfigError
 from radpretrain.models.encoders import build_encoder
 from radpretrain.models.export import export
 from radpretrain.pretrain import checkpoint
@@ -143,3 +144,12 @@ def test_push_to_hub_uploads_the_folder(tmp_path: Path, monkeypatch: pytest.Monk
     name, upload = calls[1]
     assert name == "upload_folder" and upload["repo_id"] == "team/enc"
     assert upload["files"] == ["README.md", "config.json", "encoder.json", "model.safetensors"]
+
+    class RefusingApi(FakeApi):
+        def create_repo(self, **kwargs: object) -> str:
+            raise RuntimeError("401 Client Error: Unauthorized\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=RefusingApi))
+    with pytest.raises(ConfigError, match=r"upload to hub repo 'team/enc' failed \(401 Client Error: Unauthorized\)"):
+        export(run, tmp_path / "hf2", format="hf", push_to_hub="team/enc")
+    assert (tmp_path / "hf2" / "model.safetensors").is_file()  # the folder is kept for a later upload
