@@ -1,4 +1,4 @@
-"""`radpretrain {synth,index,shard,inspect,pretrain,export,finetune,sweep,report,analyze,demo}`."""
+"""`radpretrain {synth,index,shard,inspect,pretrain,export,embed,finetune,sweep,report,analyze,demo}`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 
 from radpretrain import __version__
-from radpretrain.cli import demo, finetune, pretrain, shards
+from radpretrain.cli import demo, embed, finetune, pretrain, shards
 from radpretrain.errors import RadPretrainError
 
 # Each part adds its own subcommands (parse, build a config, call one library function); heavy imports
 # stay inside the handlers so that `--help` is instant. The order is the order of `--help`.
-PARTS = (shards, finetune, pretrain, demo)
+PARTS = (shards, finetune, pretrain, embed, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="radpretrain",
         description=(
             "Turn a PACS export into your own radiograph foundation encoder: de-identified webdataset "
-            "shards (synth, index, shard, inspect), self-supervised pretraining (pretrain, export) and "
+            "shards (synth, index, shard, inspect), self-supervised pretraining (pretrain, export), a look at "
+            "the archive through an encoder (embed) and "
             "transfer to small labeled cohorts (finetune, sweep, report, analyze). "
             "`radpretrain demo` runs the whole path on a synthetic archive."
         ),

@@ -1,4 +1,4 @@
-"""`radpretrain pretrain CONFIG [key=value ...]` and `radpretrain export RUN OUT`."""
+"""`radpretrain pretrain CONFIG [key=value ...]` and `radpretrain export RUN OUT [--format hf|onnx]`."""
 
 from __future__ import annotations
 
@@ -36,15 +36,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     export = sub.add_parser(
         "export",
-        help="export a run's encoder (safetensors + json card + README)",
+        help="export a run's encoder (radpretrain folder, Hugging Face / timm folder, or ONNX)",
         description=(
-            "Write the encoder of the pretraining run RUN (its `out` folder) to OUT as encoder.safetensors, "
-            "encoder.json (timm name, input size, intensity convention, tasks, steps, data counts, probe "
-            "scores) and a model card README.md. Load it with radpretrain.load_encoder(OUT)."
+            "Write the encoder of the pretraining run RUN (its `out` folder) to OUT. --format radpretrain "
+            "(default): encoder.safetensors, encoder.json (timm name, input size, intensity convention, tasks, "
+            "steps, data counts, probe scores) and a model card README.md; load it with "
+            "radpretrain.load_encoder(OUT). --format hf: a Hugging Face / timm folder (model.safetensors, "
+            'config.json, encoder.json, README.md with hub metadata); load it with timm.create_model("local-dir:OUT", '
+            "pretrained=True) or radpretrain.load_encoder(OUT), upload it with --push-to-hub ORG/NAME. --format "
+            "onnx: the radpretrain folder plus encoder.onnx (input 'image' (B, 1, S, S), output 'features', any "
+            "batch size), checked against torch with onnxruntime. hf, onnx and --push-to-hub need "
+            "pip install 'radpretrain[export]'."
         ),
     )
     export.add_argument("run", help="the `out` folder of a `radpretrain pretrain` run")
     export.add_argument("out", help="folder to write the encoder to (outside RUN)")
+    export.add_argument(
+        "--format",
+        default="radpretrain",
+        metavar="{radpretrain,hf,onnx}",
+        help="output format (default: radpretrain)",
+    )
+    export.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        default=None,
+        help="upload the hf folder to this Hugging Face hub repo (e.g. my-team/chest-encoder; token from HF_TOKEN)",
+    )
+    export.add_argument("--private", action="store_true", help="create the hub repo as private (with --push-to-hub)")
+    export.add_argument(
+        "--license", default="other", help="hub license id written into the model card (default: other)"
+    )
     export.set_defaults(func=_run_export)
 
 
@@ -69,8 +91,14 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from radpretrain.pretrain.checkpoint import export_encoder
+    from radpretrain.models.export import export
 
-    out = export_encoder(args.run, args.out)
-    print(f"encoder written to {out} (encoder.safetensors, encoder.json, README.md)")
+    result = export(
+        args.run, args.out, format=args.format, push_to_hub=args.push_to_hub, private=args.private, license=args.license
+    )
+    print(f"encoder written to {result.out} ({', '.join(result.files)})")
+    if result.onnx_max_diff is not None:
+        print(f"onnxruntime matches torch within {result.onnx_max_diff:.2g} on a test batch")
+    if result.pushed_to is not None:
+        print(f"uploaded to {result.pushed_to}")
     return 0

@@ -178,7 +178,11 @@ default_cfgs = generate_default_cfgs({name: _cbr_cfg() for name in CBR_CONFIGS})
 
 
 def _create_cbr(variant: str, pretrained: bool = False, **kwargs: Any) -> CBRNet:
-    if pretrained:
+    # No weights are published; pretrained=True loads only a radpretrain export (timm's "local-dir:" or
+    # "hf-hub:" folder of `radpretrain export --format hf`), whose config tells timm where its file is.
+    cfg = kwargs.get("pretrained_cfg")
+    source = cfg.get("source") if isinstance(cfg, dict) else getattr(cfg, "source", None)
+    if pretrained and source not in ("local-dir", "hf-hub"):
         raise ConfigError(f"{variant} has no published weights; build it with pretrained=False")
     kernel_size, channels = CBR_CONFIGS[variant]
     kwargs.pop("img_size", None)  # a CNN takes any input size; accepted so ViT-style configs also build
@@ -186,7 +190,7 @@ def _create_cbr(variant: str, pretrained: bool = False, **kwargs: Any) -> CBRNet
     return build_model_with_cfg(
         CBRNet,
         variant,
-        pretrained=False,
+        pretrained=pretrained,
         channels=channels,
         kernel_size=kernel_size,
         feature_cfg={"flatten_sequential": True, "out_indices": out_indices},
