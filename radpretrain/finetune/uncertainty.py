@@ -38,8 +38,10 @@ def patient_weights(patients: Sequence[int], resamples: int, seed: int = 0) -> n
     count = int(index.max()) + 1
     rng = np.random.default_rng(seed)
     drawn = rng.integers(0, count, size=(resamples, count))
-    per_patient = np.zeros((resamples, count))
-    np.add.at(per_patient, (np.repeat(np.arange(resamples), count), drawn.ravel()), 1.0)
+    # Counts per (resample, patient) in one bincount; float32 holds these small counts exactly and halves the
+    # memory of (resamples, cases) matrices.
+    flat = (drawn + np.arange(resamples)[:, None] * count).ravel()
+    per_patient = np.bincount(flat, minlength=resamples * count).reshape(resamples, count).astype(np.float32)
     return per_patient[:, index]
 
 
@@ -48,7 +50,7 @@ def weighted_metric(per_case: dict[str, Any], metric: str, weights: np.ndarray) 
     score): the mean of finite per-case values for segmentation metrics, the weighted AUROC (macro one-vs-rest,
     ties counted half), accuracy or balanced accuracy from labels and logits for classification. NaN where a
     weighting leaves the metric undefined (no finite case, or one class only)."""
-    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    weights = np.atleast_2d(np.asarray(weights))
     if "logits" in per_case:
         logits = np.asarray(per_case["logits"], dtype=np.float64)
         labels = np.asarray(per_case["labels"], dtype=np.int64)
@@ -90,17 +92,30 @@ def _classification(logits: np.ndarray, labels: np.ndarray, metric: str, weights
 
 
 def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC of `scores` for the `positive` cases under each row of case weights: P(score+ > score-) + ½ P(=),
-    from one sort and cumulative weights per score level (no per-resample ranking). NaN without both sides."""
-    levels, level = np.unique(scores, return_inverse=True)
-    onehot = np.zeros((scores.size, levels.size))
-    onehot[np.arange(scores.size), level] = 1.0
-    pos = (weights * positive) @ onehot  # (rows, levels): positive weight at each score level
-    neg = (weights * ~positive) @ onehot
-    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each level
-    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    """AUROC of `scores` for the `positive` cases under each row of case weights: P(score+ > score-) + ½ P(=).
+
+    One sort, then one cumulative sum of negative weight along the sorted cases: a positive case wins against
+    the negative weight below its score level and ties with the negative weight on it. O(rows · cases), no
+    per-resample ranking. NaN without both sides.
+    """
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    new_level = np.r_[True, ranked[1:] != ranked[:-1]]
+    starts = np.flatnonzero(new_level)  # first sorted case of each score level
+    ends = np.r_[starts[1:], ranked.size]  # one past its last
+    level = np.cumsum(new_level) - 1  # each sorted case's level
+    # Cases as rows (cases x weightings), so the cumulative sum runs over contiguous memory.
+    w = np.ascontiguousarray(np.atleast_2d(weights).T, dtype=np.float64)[order]
+    is_pos = positive[order]
+    below = np.zeros((ranked.size + 1, w.shape[1]))
+    np.cumsum(np.where(is_pos[:, None], 0.0, w), axis=0, out=below[1:])  # negative weight before each case
+    mine = level[is_pos]
+    start_of, end_of = below[starts[mine]], below[ends[mine]]
+    wins = (w[is_pos] * (start_of + 0.5 * (end_of - start_of))).sum(axis=0)
+    pairs = w[is_pos].sum(axis=0) * below[-1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan)
+        return np.where(pairs > 0, wins / pairs, np.nan)
 
 
 def percentile_interval(values: np.ndarray, level: float = INTERVAL_LEVEL) -> tuple[float, float]:
