@@ -461,8 +461,8 @@ def delong_notes(baseline: str) -> str:
     return "\n".join(
         [
             f"- DeLong p: two-sided test of AUROC(arm) = AUROC(`{baseline}`) on the same test cases (DeLong et al. "
-            "1988, fast midrank algorithm of Sun & Xu 2014), one per repeat: it measures how much the test set "
-            "alone could produce the difference between these two trained models.",
+            "1988, fast midrank algorithm of Sun & Xu 2014), one per repeat: whether sampling the test cases alone "
+            "could explain the difference between these two trained models.",
             "- Per repeat, not combined: the repeats share one test set, so their p-values are not independent and "
             "no combination rule (Fisher, Stouffer) applies. Whether an arm helps across labeled subsets is the "
             "paired table's question.",
@@ -740,6 +740,11 @@ def write_report(
             "",
             delong_notes(baseline),
         ]
+    elif metric == "auroc":
+        parts.append(
+            f"\n(no DeLong test: it needs runs of an arm and `{baseline}` with two-class per-case outputs on the "
+            "same test set)"
+        )
     markdown = out / "report.md"
     markdown.write_text("\n".join(parts) + "\n")
     return ReportFiles(markdown, summary_csv, paired_csv, plot, delong_csv)
