@@ -41,10 +41,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "report",
         help="tables, paired statistics and learning curves of a sweep",
         description=(
-            "Read a sweep's results.jsonl and write report.md (mean (sd) per strategy and label count, "
-            "paired differences against the baseline with 95% t-intervals from 6 pairs on, sign-flip "
-            "permutation and Wilcoxon signed-rank p-values with Holm adjustment, failed runs counted), "
-            "summary.csv, paired.csv and learning_curve.png."
+            "Read a sweep's results.jsonl and write report.md (mean (sd) per strategy and label count with a "
+            "95% patient-level bootstrap interval over the test set and the model-selection rule, paired "
+            "differences against the baseline with 95% t-intervals from 6 pairs on, sign-flip permutation "
+            "and Wilcoxon signed-rank p-values with Holm adjustment, failed runs counted; for AUROC, DeLong's "
+            "test per repeat), summary.csv, paired.csv, delong.csv and learning_curve.png."
         ),
     )
     p.add_argument("results", help="results.jsonl, or the sweep folder holding it")
@@ -57,7 +58,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=100000,
         help="random sign flips of the permutation p above 20 pairs (exact up to 20; default: 100000)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips (default: 0)")
+    p.add_argument(
+        "--resamples",
+        type=positive_int,
+        default=2000,
+        help="patient-level bootstrap resamples of the test set per cell interval (default: 2000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips and the bootstrap (default: 0)")
     p.set_defaults(func=_run_report)
 
     p = sub.add_parser(
@@ -109,10 +116,17 @@ def _run_report(args: argparse.Namespace) -> int:
     from radpretrain.finetune.report import write_report
 
     files = write_report(
-        args.results, args.out, metric=args.metric, baseline=args.baseline, flips=args.flips, seed=args.seed
+        args.results,
+        args.out,
+        metric=args.metric,
+        baseline=args.baseline,
+        flips=args.flips,
+        seed=args.seed,
+        resamples=args.resamples,
     )
     print(files.markdown.read_text())
-    print(f"written: {files.markdown}, {files.summary_csv}, {files.paired_csv}, {files.plot}")
+    written = [files.markdown, files.summary_csv, files.paired_csv, files.plot, files.delong_csv]
+    print("written: " + ", ".join(str(path) for path in written if path is not None))
     return 0
 
 

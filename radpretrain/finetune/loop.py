@@ -18,7 +18,7 @@ from radpretrain.errors import CohortError, ConfigError, NonFiniteLossError
 from radpretrain.files import atomic_path, write_text
 from radpretrain.finetune.build import Built, build_model, outputs_of, task_of
 from radpretrain.finetune.config import FinetuneConfig
-from radpretrain.finetune.metrics import evaluate, make_loss
+from radpretrain.finetune.metrics import evaluate, make_loss, per_case_outputs, predict, task_metrics
 from radpretrain.finetune.strategies import Phase, under
 
 if TYPE_CHECKING:
@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------------------------
 # Training.
 # --------------------------------------------------------------------------------------------------------------
+
+#: The model-selection rules a run reports (`selection` in metrics.json and results.jsonl).
+BEST_VAL = "best val epoch"
+#: No validation case (val_fraction 0, or fewer than three labeled cases): the training loss picks the epoch.
+BEST_TRAIN = "best train-loss epoch"
+
+
+def fixed_schedule(threshold: int) -> str:
+    """The rule of a run below `fixed_schedule_below` labeled cases: all train, the last epoch is kept."""
+    return f"fixed schedule (n < {threshold})"
 
 
 def split_epochs(phases: list[Phase], epochs: int) -> list[int]:
@@ -61,9 +71,11 @@ def hold_frozen_norms(model: nn.Module, frozen: tuple[str, ...]) -> None:
 class FitResult:
     epochs: int
     steps: int
+    #: The epoch whose weights were kept (the last one under a fixed schedule).
     best_epoch: int
     best_val_loss: float
     log: list[dict[str, Any]]
+    selection: str = BEST_VAL
 
 
 def fit(
@@ -78,11 +90,17 @@ def fit(
     loss_values: int,
     phases: list[Phase],
     stage: str,
+    selection: str = BEST_VAL,
 ) -> FitResult:
-    """Adam per phase; ReduceLROnPlateau + early stopping on the validation loss, or cosine; keep the best epoch.
+    """Adam per phase; ReduceLROnPlateau + early stopping on the validation loss, or cosine; keep the best epoch
+    of the last phase.
 
     `loss_values`: how many values the task loss averages over in one pass over `train_set` (cases, times
     pixels or voxels for masks); the strategy's regulariser divides by it to sit on the task loss's scale.
+    `selection`: BEST_VAL or BEST_TRAIN pick the epoch with the lowest monitored loss and stop early; any other
+    rule (a fixed schedule) runs every epoch and keeps the last. Only the last phase's epochs are candidates:
+    earlier phases prepare it (lp-ft's linear probe), and a probe epoch that wins on a noisy validation loss
+    would throw the finetune away.
     """
     from torch.utils.data import DataLoader, RandomSampler
     from tqdm.auto import tqdm
@@ -93,11 +111,13 @@ def fit(
     sampler = RandomSampler(train_set, replacement=len(train_set) < 2, num_samples=max(2, len(train_set)))
     batch_size = min(cfg.batch_size, max(2, len(train_set)))
     drop_last = len(train_set) > batch_size and len(train_set) % batch_size == 1
+    select = selection in (BEST_VAL, BEST_TRAIN)
     best_loss, best_state, best_epoch = math.inf, None, 0
     rows: list[dict[str, Any]] = []
     step = epoch_index = 0
     bar = tqdm(total=epochs, desc=f"{stage}: {built.spec}", unit="epoch", leave=False, disable=not cfg.progress)
-    for phase, n_epochs in zip(phases, split_epochs(phases, epochs), strict=True):
+    for index, (phase, n_epochs) in enumerate(zip(phases, split_epochs(phases, epochs), strict=True)):
+        last_phase = index == len(phases) - 1
         params = set_trainable(model, phase.frozen)
         optimiser = torch.optim.Adam(params, lr=cfg.optim.lr * phase.lr_scale, weight_decay=cfg.optim.weight_decay)
         loader = DataLoader(
@@ -163,19 +183,35 @@ def fit(
             rows.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{monitored:.3f}")
+            if not select:
+                best_loss, best_epoch = monitored, epoch_index  # the last epoch is kept as it stands
+                continue
             if monitored < best_loss:
-                best_loss, best_epoch, stale = monitored, epoch_index, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_loss, stale = monitored, 0
+                if last_phase:
+                    best_epoch = epoch_index
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 stale += 1
             if cfg.optim.early_stop and cfg.optim.scheduler == "plateau" and stale >= cfg.optim.early_stop:
                 break
+        # The last phase's epochs compete among themselves, not with a (lower) loss of an earlier phase.
+        best_loss, stale = math.inf, 0
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     for param in model.parameters():
         param.requires_grad_(True)
-    return FitResult(epoch_index, step, best_epoch, best_loss, rows)
+    return FitResult(epoch_index, step, best_epoch, best_loss if select else math.nan, rows, selection)
+
+
+def split_for_selection(labeled: list[Case], cfg: FinetuneConfig, seed: int) -> tuple[list[Case], list[Case], str]:
+    """(train, val, rule): below `cfg.fixed_schedule_below` cases all train under a fixed schedule; from it on,
+    a validation split (`split_val`) picks the epoch."""
+    if len(labeled) < cfg.fixed_schedule_below:
+        return list(labeled), [], fixed_schedule(cfg.fixed_schedule_below)
+    train, val = split_val(labeled, cfg.val_fraction, seed)
+    return train, val, BEST_VAL if val else BEST_TRAIN
 
 
 def split_val(labeled: list[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
@@ -242,7 +278,7 @@ def train_and_evaluate(
                 f"'{cohort.kind}' with {outputs_of(cohort)}; they must be the same task"
             )
         weak_cases = [c for c in weak.cases if c.target is not None]
-        weak_train, weak_val = split_val(weak_cases, cfg.val_fraction, cfg.seed)
+        weak_train, weak_val, weak_rule = split_for_selection(weak_cases, cfg, cfg.seed)
         n_weak = len(weak_cases)
         fits.append(
             fit(
@@ -256,11 +292,12 @@ def train_and_evaluate(
                 loss_values=len(weak_train) * voxels,
                 phases=[Phase("weak", 1.0)],
                 stage="weak",
+                selection=weak_rule,
             )
         )
 
     # --- the labeled subset
-    train_cases, val_cases = split_val(labeled, cfg.val_fraction, cfg.seed)
+    train_cases, val_cases, rule = split_for_selection(labeled, cfg, cfg.seed)
     if built.spec.weak != "only":
         if not train_cases:
             raise CohortError("no labeled cases to train on; raise n_train")
@@ -276,15 +313,20 @@ def train_and_evaluate(
                 loss_values=len(train_cases) * voxels,
                 phases=phases,
                 stage="finetune",
+                selection=rule,
             )
         )
     trained = time.perf_counter()
 
-    # --- test
+    # --- test: the scores, and per case what a patient-level bootstrap or DeLong's test needs
     metrics: dict[str, float] = {}
+    per_case: dict[str, Any] = {}
     if test:
         test_set = CohortDataset(cohort, test, cfg.size, augment=False)
-        metrics = evaluate(built.model, test_set, task, make_loss(task, cfg), accelerator.device, cfg.batch_size)
+        logits, target, loss = predict(built.model, test_set, make_loss(task, cfg), accelerator.device, cfg.batch_size)
+        # Non-finite scores (HD95 of an empty prediction) pass through as they are: the report counts them.
+        metrics = {"loss": loss, **task_metrics(task, logits, target)}
+        per_case = {"patients": patient_indices(test), **per_case_outputs(task, logits, target)}
     finished = time.perf_counter()
     result = {
         "strategy": str(built.spec),
@@ -292,6 +334,7 @@ def train_and_evaluate(
         "kind": cohort.kind,
         "spatial_dims": int(cohort.spatial_dims),
         "metrics": metrics,
+        "selection": fits[-1].selection,
         "n_train": len(train_cases) if built.spec.weak != "only" else 0,
         "n_val": len(val_cases) if built.spec.weak != "only" else 0,
         "n_test": len(test),
@@ -301,12 +344,28 @@ def train_and_evaluate(
         "steps": sum(f.steps for f in fits),
         "seconds": {"train": round(trained - started, 3), "test": round(finished - trained, 3)},
         "seed": cfg.seed,
+        "test_set": cases_digest(test),
+        "per_case": per_case,
     }
     if out_dir is not None and accelerator.is_main_process:
         write_run(Path(out_dir), cfg, built, result, [row for f in fits for row in f.log])
     # A sweep reuses one Accelerator: drop its references to this run's model, optimisers and loaders.
     accelerator.free_memory()
     return result
+
+
+def patient_indices(cases: list[Case]) -> list[int]:
+    """Each case's patient as a small integer (patients numbered in order of first appearance): the groups a
+    patient-level bootstrap resamples, without repeating pseudonyms in every results line."""
+    numbers: dict[str, int] = {}
+    return [numbers.setdefault(c.patient, len(numbers)) for c in cases]
+
+
+def cases_digest(cases: list[Case]) -> str:
+    """A short digest of the test cases' ids in order: runs compared case by case must share it."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(c.id for c in cases).encode()).hexdigest()[:16]
 
 
 def write_run(out: Path, cfg: FinetuneConfig, built: Built, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:

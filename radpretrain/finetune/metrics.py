@@ -22,11 +22,10 @@ def make_loss(task: str, cfg: FinetuneConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset: Any, task: str, loss_fn: nn.Module, device: torch.device, batch_size: int
-) -> dict[str, float]:
-    """Metrics over a dataset: Dice, IoU, HD95 (MONAI; pixels/voxels) or AUROC (MONAI), accuracy and
-    balanced accuracy (scikit-learn); plus the mean loss."""
+def predict(
+    model: nn.Module, dataset: Any, loss_fn: nn.Module, device: torch.device, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(logits, targets, mean loss) over a dataset, in its order, on the CPU."""
     from torch.utils.data import DataLoader
 
     model.eval()
@@ -39,10 +38,40 @@ def evaluate(
         losses.append(float(loss_fn(logits, target)) * image.shape[0])
         preds.append(logits.cpu())
         targets.append(target.cpu())
-    logits, target = torch.cat(preds), torch.cat(targets)
-    metrics = {"loss": sum(losses) / len(dataset)}
-    metrics.update(segmentation_metrics(logits, target) if task == "seg" else classification_metrics(logits, target))
-    return metrics
+    return torch.cat(preds), torch.cat(targets), sum(losses) / len(dataset)
+
+
+def task_metrics(task: str, logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    return segmentation_metrics(logits, target) if task == "seg" else classification_metrics(logits, target)
+
+
+def evaluate(
+    model: nn.Module, dataset: Any, task: str, loss_fn: nn.Module, device: torch.device, batch_size: int
+) -> dict[str, float]:
+    """Metrics over a dataset: Dice, IoU, HD95 (MONAI; pixels/voxels) or AUROC (MONAI), accuracy and
+    balanced accuracy (scikit-learn); plus the mean loss."""
+    logits, target, loss = predict(model, dataset, loss_fn, device, batch_size)
+    return {"loss": loss, **task_metrics(task, logits, target)}
+
+
+def _compact(values: Any) -> Any:
+    """Floats to 6 significant digits (a results line per cell stays small); NaN and inf stay as they are."""
+    if isinstance(values, list):
+        return [_compact(v) for v in values]
+    value = float(values)
+    return float(f"{value:.6g}") if math.isfinite(value) else value
+
+
+def per_case_outputs(task: str, logits: torch.Tensor, target: torch.Tensor) -> dict[str, list[Any]]:
+    """What a test-set bootstrap or DeLong's test recomputes the scores from, case by case in test order.
+
+    Segmentation: each case's Dice, IoU and HD95 (`segmentation_metrics` of that case alone; the mean over
+    cases is the run's score). Classification: each case's label and logits (one list per case).
+    """
+    if task == "seg":
+        cases = [segmentation_metrics(logits[i : i + 1], target[i : i + 1]) for i in range(logits.shape[0])]
+        return {name: _compact([case[name] for case in cases]) for name in (cases[0] if cases else {})}
+    return {"labels": [int(v) for v in target.long().flatten()], "logits": _compact(logits.tolist())}
 
 
 def segmentation_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +16,14 @@ from typing import Any
 import numpy as np
 
 from radpretrain.errors import ConfigError
+from radpretrain.finetune.uncertainty import (
+    DEFAULT_RESAMPLES,
+    binary_scores,
+    delong_test,
+    patient_weights,
+    percentile_interval,
+    weighted_metric,
+)
 from radpretrain.registry import did_you_mean
 
 #: Metrics in the order a report picks its default from; all but hd95 are higher-is-better.
@@ -37,6 +46,9 @@ class Summary:
 
     `runs` counts every finished run of the cell, `failed` those whose metric is not finite (e.g. HD95 of an
     empty prediction, NaN or inf in results.jsonl); mean and sd are over the `runs - failed` others.
+    `test_low`/`test_high`: the 95 % patient-level bootstrap interval of the mean over the test set (each
+    resample of the test patients recomputes every run's metric from its per-case outputs; NaN when a run
+    has none). `selection`: the model-selection rule of the cell's runs ("; "-joined if they differ).
     """
 
     arm: str
@@ -45,6 +57,9 @@ class Summary:
     sd: float
     runs: int
     failed: int = 0
+    test_low: float = math.nan
+    test_high: float = math.nan
+    selection: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,21 @@ class Paired:
     p_wilcoxon_holm: float = math.nan
 
 
-SUMMARY_COLUMNS = ("arm", "n_labels", "metric", "mean", "sd", "runs", "failed")
+SUMMARY_COLUMNS = ("arm", "n_labels", "metric", "mean", "sd", "runs", "failed", "test_low", "test_high", "selection")
+DELONG_COLUMNS = (
+    "arm",
+    "baseline",
+    "n_labels",
+    "repeat",
+    "auroc_arm",
+    "auroc_baseline",
+    "diff",
+    "se",
+    "z",
+    "p_delong",
+)
+#: Written in place of a selection rule by runs made before results recorded one.
+UNKNOWN_SELECTION = "not recorded"
 PAIRED_COLUMNS = (
     "arm",
     "baseline",
@@ -97,11 +126,27 @@ PAIRED_COLUMNS = (
 
 
 @dataclass(frozen=True)
+class DeLong:
+    """DeLong's paired test of an arm's AUROC against the baseline's on the same test set, in one repeat."""
+
+    arm: str
+    n_labels: int
+    repeat: int
+    auroc_arm: float
+    auroc_baseline: float
+    diff: float
+    se: float
+    z: float
+    p: float
+
+
+@dataclass(frozen=True)
 class ReportFiles:
     markdown: Path
     summary_csv: Path
     paired_csv: Path
     plot: Path
+    delong_csv: Path | None = None
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
@@ -155,21 +200,73 @@ def metric_value(row: dict[str, Any], metric: str) -> float | None:
     return float(value)
 
 
-def summarize(rows: list[dict[str, Any]], metric: str) -> list[Summary]:
-    """Mean (sd) per arm and label count over the runs with a finite value; the others are counted as failed."""
+def summarize(
+    rows: list[dict[str, Any]], metric: str, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+) -> list[Summary]:
+    """Mean (sd) per arm and label count over the runs with a finite value (the others are counted as failed),
+    the test-set bootstrap interval of that mean (`resamples` seeded patient-level resamples, the same ones for
+    every cell on one test set) and the cells' selection rule."""
     several = len({row["encoder"] for row in rows}) > 1
-    groups: dict[tuple[str, int], list[float | None]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(arm_name(row, several), int(row["n_labels"]))].append(metric_value(row, metric))
+        groups[(arm_name(row, several), int(row["n_labels"]))].append(row)
+    weights: dict[tuple[Any, ...], np.ndarray] = {}
     out = []
     # Arms in the order the sweep ran them (its `strategies` list), label counts ascending.
     order = {arm: i for i, arm in enumerate(dict.fromkeys(arm for arm, _ in groups))}
     for (arm, n), cell in sorted(groups.items(), key=lambda item: (order[item[0][0]], item[0][1])):
-        values = [v for v in cell if v is not None]
+        values = [v for v in (metric_value(row, metric) for row in cell) if v is not None]
         mean = float(np.mean(values)) if values else math.nan
         sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-        out.append(Summary(arm, n, mean, sd, runs=len(cell), failed=len(cell) - len(values)))
+        low, high = cell_test_interval(cell, metric, weights, resamples=resamples, seed=seed)
+        rules = dict.fromkeys(str(row.get("selection", UNKNOWN_SELECTION)) for row in cell)
+        out.append(
+            Summary(
+                arm,
+                n,
+                mean,
+                sd,
+                runs=len(cell),
+                failed=len(cell) - len(values),
+                test_low=low,
+                test_high=high,
+                selection="; ".join(rules),
+            )
+        )
     return out
+
+
+def cell_test_interval(
+    cell: list[dict[str, Any]],
+    metric: str,
+    cache: dict[tuple[Any, ...], np.ndarray],
+    *,
+    resamples: int,
+    seed: int,
+) -> tuple[float, float]:
+    """Percentile interval of the cell's mean metric over patient-level resamples of the test set: each resample
+    recomputes every successful run's metric from its per-case outputs and averages them. NaN when a successful
+    run kept no per-case outputs (results from before they were recorded). `cache` keeps one weight matrix per
+    test set, so every cell on it sees the same resamples."""
+    runs = [row for row in cell if metric_value(row, metric) is not None]
+    if not runs:
+        return math.nan, math.nan
+    draws = []
+    for row in runs:
+        per_case = row.get("per_case") or {}
+        if "patients" not in per_case:
+            return math.nan, math.nan
+        key = (row.get("test_set"), tuple(per_case["patients"]))
+        if key not in cache:
+            cache[key] = patient_weights(per_case["patients"], resamples, seed)
+        try:
+            draws.append(weighted_metric(per_case, metric, cache[key]))
+        except KeyError:
+            return math.nan, math.nan
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where every run is undefined: NaN
+        means = np.nanmean(np.stack(draws), axis=0)
+    return percentile_interval(means)
 
 
 def t_interval(diffs: Sequence[float] | np.ndarray, level: float = INTERVAL_LEVEL) -> tuple[float, float]:
@@ -305,6 +402,74 @@ def paired_differences(
     ]
 
 
+def delong_pairs(rows: list[dict[str, Any]], *, baseline: str = "random") -> list[DeLong]:
+    """DeLong's paired AUROC test of each arm against `baseline` on the same encoder, label count and repeat,
+    where both runs kept two-class per-case outputs on the same test set (same cases, same labels)."""
+    several = len({row["encoder"] for row in rows}) > 1
+    base = {
+        (str(row["encoder"]), int(row["n_labels"]), int(row["repeat"])): row
+        for row in rows
+        if row["strategy"] == baseline
+    }
+    out = []
+    for row in rows:
+        key = (str(row["encoder"]), int(row["n_labels"]), int(row["repeat"]))
+        ref = base.get(key)
+        if row["strategy"] == baseline or ref is None or row.get("test_set") != ref.get("test_set"):
+            continue
+        mine, theirs = binary_scores(row.get("per_case") or {}), binary_scores(ref.get("per_case") or {})
+        if mine is None or theirs is None or not np.array_equal(mine[1], theirs[1]):
+            continue
+        try:
+            test = delong_test(mine[0], theirs[0], mine[1])
+        except ValueError:  # fewer than two cases of a class: no variance to estimate
+            continue
+        out.append(
+            DeLong(
+                arm_name(row, several),
+                key[1],
+                key[2],
+                test["auc_a"],
+                test["auc_b"],
+                test["diff"],
+                test["se"],
+                test["z"],
+                test["p"],
+            )
+        )
+    order = {arm: i for i, arm in enumerate(dict.fromkeys(d.arm for d in out))}
+    return sorted(out, key=lambda d: (order[d.arm], d.n_labels, d.repeat))
+
+
+def markdown_delong(tests: list[DeLong], baseline: str) -> str:
+    """One row per arm and label count: the DeLong p of every repeat, and how many fall below 0.05."""
+    cells: dict[tuple[str, int], list[DeLong]] = defaultdict(list)
+    for d in tests:
+        cells[(d.arm, d.n_labels)].append(d)
+    lines = [
+        f"| arm | n | ΔAUROC vs {baseline} per repeat | DeLong p per repeat | p < 0.05 |",
+        "|---|---|---|---|---|",
+    ]
+    for (arm, n), group in cells.items():
+        diffs = ", ".join(f"{d.diff:+.3f}" for d in group)
+        ps = ", ".join(_fmt_p(d.p) for d in group)
+        lines.append(f"| {arm} | {n} | {diffs} | {ps} | {sum(d.p < 0.05 for d in group)} of {len(group)} |")
+    return "\n".join(lines)
+
+
+def delong_notes(baseline: str) -> str:
+    return "\n".join(
+        [
+            f"- DeLong p: two-sided test of AUROC(arm) = AUROC(`{baseline}`) on the same test cases (DeLong et al. "
+            "1988, fast midrank algorithm of Sun & Xu 2014), one per repeat: whether sampling the test cases alone "
+            "could explain the difference between these two trained models.",
+            "- Per repeat, not combined: the repeats share one test set, so their p-values are not independent and "
+            "no combination rule (Fisher, Stouffer) applies. Whether an arm helps across labeled subsets is the "
+            "paired table's question.",
+        ]
+    )
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -314,9 +479,24 @@ def _fmt_p(value: float) -> str:
 
 
 def summary_cell(s: Summary) -> str:
-    """`mean (sd)`, with `, failed k of n` when runs failed, so a reader sees what the mean leaves out."""
+    """`mean (sd) [test-set interval]`, with `, failed k of n` when runs failed, so a reader sees what the mean
+    leaves out."""
     text = f"{_fmt(s.mean)} ({_fmt(s.sd)})"
+    if math.isfinite(s.test_low) and math.isfinite(s.test_high):
+        text += f" [{_fmt(s.test_low)}, {_fmt(s.test_high)}]"
     return text if not s.failed else f"{text}, failed {s.failed} of {s.runs}"
+
+
+def selection_text(summary: list[Summary]) -> str:
+    """Which model-selection rule each cell used: one line per label count when all arms share it, else per arm."""
+    lines = ["Model selection (the epoch whose weights were tested):"]
+    for n in sorted({s.n_labels for s in summary}):
+        rules = {s.arm: s.selection for s in summary if s.n_labels == n}
+        if len(set(rules.values())) == 1:
+            lines.append(f"- n={n}: {next(iter(rules.values()))}")
+        else:
+            lines.append(f"- n={n}: " + "; ".join(f"{arm}: {rule}" for arm, rule in rules.items()))
+    return "\n".join(lines)
 
 
 def markdown_table(summary: list[Summary], metric: str) -> str:
@@ -414,8 +594,8 @@ def plot_learning_curves(summary: list[Summary], metric: str, path: str | Path, 
         (line,) = ax.plot(x, mean, marker="o", label=arm)
         ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=alpha, linewidth=0)
     counts = sorted({s.n_labels for s in summary})
-    if len(counts) > 1 and counts[-1] / counts[0] >= 8:
-        ax.set_xscale("log")
+    # Label counts grow by factors (5, 10, 20, 50, ...): a log axis spaces them evenly.
+    ax.set_xscale("log")
     ax.set_xticks(counts, [str(n) for n in counts])
     ax.minorticks_off()
     ax.set_xlabel("labeled cases")
@@ -442,15 +622,19 @@ def write_report(
     flips: int = DEFAULT_SIGN_FLIPS,
     seed: int = 0,
     min_pairs: int = MIN_PAIRS_FOR_INTERVAL,
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> ReportFiles:
-    """Write report.md, summary.csv, paired.csv and learning_curve.png for a sweep's results.
+    """Write report.md, summary.csv, paired.csv, learning_curve.png and, for AUROC, delong.csv.
 
     `flips` and `seed` drive the Monte-Carlo sign-flip p of comparisons with more than EXACT_SIGN_FLIPS_MAX
-    pairs; `min_pairs` is the fewest pairs that get a t-interval. The columns are SUMMARY_COLUMNS and
-    PAIRED_COLUMNS (see `Summary` and `Paired`).
+    pairs; `resamples` and `seed` the patient-level test-set bootstrap; `min_pairs` is the fewest pairs that get
+    a t-interval. The columns are SUMMARY_COLUMNS, PAIRED_COLUMNS and DELONG_COLUMNS (see `Summary`, `Paired`
+    and `DeLong`).
     """
     if flips < 1:
         raise ConfigError(f"flips must be >= 1, got {flips}; e.g. --flips 100000")
+    if resamples < 1:
+        raise ConfigError(f"resamples must be >= 1, got {resamples}; e.g. --resamples 2000")
     if min_pairs < 2:
         raise ConfigError(f"an interval needs at least 2 pairs, got min_pairs={min_pairs}")
     rows = [row for row in read_results(results) if row.get("status", "ok") == "ok"]
@@ -466,7 +650,7 @@ def write_report(
     results_path = Path(results)
     out = Path(out_dir) if out_dir is not None else (results_path if results_path.is_dir() else results_path.parent)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows, metric)
+    summary = summarize(rows, metric, resamples=resamples, seed=seed)
     paired = paired_differences(rows, metric, baseline=baseline, flips=flips, seed=seed, min_pairs=min_pairs)
 
     summary_csv = out / "summary.csv"
@@ -474,7 +658,9 @@ def write_report(
         writer = csv.writer(handle)
         writer.writerow(SUMMARY_COLUMNS)
         for s in summary:
-            writer.writerow([s.arm, s.n_labels, metric, s.mean, s.sd, s.runs, s.failed])
+            writer.writerow(
+                [s.arm, s.n_labels, metric, s.mean, s.sd, s.runs, s.failed, s.test_low, s.test_high, s.selection]
+            )
     paired_csv = out / "paired.csv"
     with paired_csv.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -501,14 +687,43 @@ def write_report(
                     p.p_wilcoxon_holm,
                 ]
             )
+    tests = delong_pairs(rows, baseline=baseline) if metric == "auroc" else []
+    delong_csv = None
+    if tests:
+        delong_csv = out / "delong.csv"
+        with delong_csv.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(DELONG_COLUMNS)
+            for d in tests:
+                writer.writerow(
+                    [d.arm, baseline, d.n_labels, d.repeat, d.auroc_arm, d.auroc_baseline, d.diff, d.se, d.z, d.p]
+                )
     plot = plot_learning_curves(summary, metric, out / "learning_curve.png")
 
-    parts = [f"### {metric}: mean (sd) over repeats\n", markdown_table(summary, metric)]
+    intervals = any(math.isfinite(s.test_low) for s in summary)
+    if intervals:
+        parts = [
+            f"### {metric}: mean (sd) over repeats [{INTERVAL_LEVEL:.0%} test-set interval]\n",
+            markdown_table(summary, metric),
+            "",
+            f"[low, high]: {INTERVAL_LEVEL:.0%} percentile interval of the cell's mean over {resamples} patient-level "
+            f"bootstrap resamples of the test set (seed {seed}; each resample recomputes every run's {metric} from "
+            "its per-case outputs). It shows how much one test set can move the score, not how much another "
+            "labeled subset would (that is the sd); absent where a run kept no per-case outputs.",
+        ]
+    else:
+        parts = [
+            f"### {metric}: mean (sd) over repeats\n",
+            markdown_table(summary, metric),
+            "",
+            "(no test-set intervals: these results hold no per-case outputs)",
+        ]
     if any(s.failed for s in summary):
         parts.append(
             f"\nfailed k of n: k of the cell's n runs gave no finite {metric} (e.g. HD95 of an empty prediction); "
             "the mean and sd are over the other runs."
         )
+    parts += ["", selection_text(summary)]
     if paired:
         parts += [
             f"\n### Paired differences against `{baseline}` (same labeled subset and seed)\n",
@@ -518,6 +733,18 @@ def write_report(
         ]
     else:
         parts.append(f"\n(no `{baseline}` runs to pair against)")
+    if tests:
+        parts += [
+            f"\n### DeLong's test against `{baseline}` (same test set, per repeat)\n",
+            markdown_delong(tests, baseline),
+            "",
+            delong_notes(baseline),
+        ]
+    elif metric == "auroc":
+        parts.append(
+            f"\n(no DeLong test: it needs runs of an arm and `{baseline}` with two-class per-case outputs on the "
+            "same test set)"
+        )
     markdown = out / "report.md"
     markdown.write_text("\n".join(parts) + "\n")
-    return ReportFiles(markdown, summary_csv, paired_csv, plot)
+    return ReportFiles(markdown, summary_csv, paired_csv, plot, delong_csv)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +20,7 @@ from safetensors.torch import load_file
 from radpretrain.cli import main
 from radpretrain.data.cohorts import Case, load_cohort
 from radpretrain.errors import CohortError, ConfigError
-from radpretrain.finetune import build, loop
+from radpretrain.finetune import build, loop, sweep
 from radpretrain.finetune.config import DwpConfig, FinetuneConfig, WeakConfig
 from radpretrain.finetune.strategies import STRATEGIES, Phase
 from radpretrain.finetune.sweep import run_finetune
@@ -226,3 +229,117 @@ print(run("full"), run("dwp"))
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True"]
+
+
+def spy_fits(monkeypatch) -> list[dict]:
+    """Record what each call of loop.fit trained on, validated on and which rule it used (it still trains)."""
+    calls: list[dict] = []
+    real = loop.fit
+
+    def fit(built, train_set, val_set, **kwargs):
+        calls.append(
+            {
+                "stage": kwargs["stage"],
+                "train": [c.id for c in train_set.cases],
+                "val": [] if val_set is None else [c.id for c in val_set.cases],
+                "selection": kwargs["selection"],
+            }
+        )
+        return real(built, train_set, val_set, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", fit)
+    return calls
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_the_tiny_n_rule_engages_below_the_threshold_and_not_at_it(
+    n, lung_cohort, pretrained_encoder, tmp_path, monkeypatch
+):
+    # Threshold 6 stands in for the default 30 so that the runs stay tiny; the rule is `n < fixed_schedule_below`.
+    calls = spy_fits(monkeypatch)
+    cfg = tiny(lung_cohort, pretrained_encoder, tmp_path, n_train=n, fixed_schedule_below=6, epochs=3, val_fraction=0.3)
+    cohort = load_cohort(lung_cohort, structure="lungs")
+    pool, test = sweep.split_test(sweep.labeled_cases(cohort), fraction=0.2, seed=0)
+    labeled = sweep.draw_labeled(pool, n, seed=0)
+    result = loop.train_and_evaluate(cfg, cohort, labeled, test, out_dir=tmp_path)
+    (call,) = calls
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    if n == 5:  # below: every labeled case trains, no validation, every epoch runs and the last one is kept
+        assert sorted(call["train"]) == sorted(c.id for c in labeled) and call["val"] == []
+        assert call["selection"] == result["selection"] == "fixed schedule (n < 6)"
+        assert (result["n_train"], result["n_val"]) == (5, 0)
+        assert not any("val_loss" in row for row in log) and len(log) == 3 and result["best_epoch"] == [3]
+    else:  # at the threshold: a patient-level validation split picks the epoch
+        assert call["val"] and set(call["train"]).isdisjoint(call["val"])
+        assert sorted(call["train"] + call["val"]) == sorted(c.id for c in labeled)
+        assert call["selection"] == result["selection"] == "best val epoch"
+        assert result["n_val"] == len(call["val"]) and all("val_loss" in row for row in log)
+        best = min(log, key=lambda row: row["val_loss"])["epoch"]
+        assert result["best_epoch"] == [best]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["selection"] == result["selection"]
+
+
+def test_the_default_threshold_is_30_labeled_cases():
+    cases = [Case(f"c{i}", f"p{i}", None, 0) for i in range(30)]  # type: ignore[arg-type]
+    cfg = FinetuneConfig()
+    assert loop.split_for_selection(cases[:29], cfg, seed=0) == (cases[:29], [], "fixed schedule (n < 30)")
+    train, val, rule = loop.split_for_selection(cases, cfg, seed=0)
+    assert rule == "best val epoch" and len(val) == 6 and len(train) == 24
+    with pytest.raises(ConfigError, match="fixed_schedule_below must be >= 0"):
+        FinetuneConfig(fixed_schedule_below=-1).validate()
+
+
+def lp_ft_and_frozen(lung_cohort, pretrained_encoder, tmp_path, **overrides) -> dict[str, dict]:
+    out = {}
+    for name in ("frozen", "lp-ft"):
+        cfg = tiny(lung_cohort, pretrained_encoder, tmp_path / name, strategy=name, epochs=4, **overrides)
+        cfg.options.lp_fraction = 0.5
+        out[name] = run_finetune(cfg)
+    return out
+
+
+def test_lp_ft_keeps_a_model_of_its_finetune_phase(lung_cohort, pretrained_encoder, tmp_path, monkeypatch):
+    # The validation loss is lowest in the probe phase (epoch 2): selecting across both phases would keep the
+    # probe, whose encoder is the pretrained one, and lp-ft would score exactly as frozen (issue #13).
+    losses = iter([1.0, 0.1, 5.0, 6.0] * 2)
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {**real(*a, **k), "loss": next(losses)})
+    runs = lp_ft_and_frozen(lung_cohort, pretrained_encoder, tmp_path, n_train=8, fixed_schedule_below=0)
+    assert runs["frozen"]["selection"] == runs["lp-ft"]["selection"] == "best val epoch"
+    assert runs["frozen"]["best_epoch"] == [2] and runs["lp-ft"]["best_epoch"] == [3]
+    assert runs["lp-ft"]["metrics"] != runs["frozen"]["metrics"]
+    before = load_file(str(pretrained_encoder / "encoder.safetensors"))
+    after = encoder_tensors(load_file(str(tmp_path / "lp-ft" / "model.safetensors")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    frozen = encoder_tensors(load_file(str(tmp_path / "frozen" / "model.safetensors")))
+    assert all(torch.equal(before[k], frozen[k]) for k in before if before[k].is_floating_point())
+
+
+def test_lp_ft_differs_from_frozen_under_the_fixed_schedule(lung_cohort, pretrained_encoder, tmp_path):
+    runs = lp_ft_and_frozen(lung_cohort, pretrained_encoder, tmp_path, n_train=6)
+    assert runs["lp-ft"]["selection"] == "fixed schedule (n < 30)" and runs["lp-ft"]["best_epoch"] == [4]
+    assert runs["lp-ft"]["metrics"] != runs["frozen"]["metrics"]
+
+
+def test_test_outputs_are_kept_per_case(lung_cohort, body_part_cohort, pretrained_encoder, tmp_path):
+    from radpretrain.finetune.uncertainty import weighted_metric
+
+    seg = run_finetune(tiny(lung_cohort, pretrained_encoder, tmp_path / "seg", epochs=1))
+    per_case = seg["per_case"]
+    assert len(per_case["patients"]) == len(per_case["dice"]) == len(per_case["hd95"]) == seg["n_test"]
+    # The run's score is the mean over its cases; the per-case record rebuilds it.
+    for name in ("dice", "iou", "hd95"):
+        assert weighted_metric(per_case, name, np.ones(seg["n_test"]))[0] == pytest.approx(
+            seg["metrics"][name], rel=1e-5, nan_ok=True
+        )
+    assert len(seg["test_set"]) == 16
+    cfg = tiny(body_part_cohort, pretrained_encoder, tmp_path / "cls", structure=None, epochs=1, test_fraction=0.4)
+    cls = run_finetune(replace(cfg, seed=1))
+    per_case = cls["per_case"]
+    assert set(per_case["labels"]) == {0, 1} and math.isfinite(cls["metrics"]["auroc"])  # seed 1: both classes
+    assert len(per_case["labels"]) == len(per_case["logits"]) == cls["n_test"] and len(per_case["logits"][0]) == 2
+    for name in ("auroc", "accuracy", "balanced_accuracy"):
+        assert weighted_metric(per_case, name, np.ones(cls["n_test"]))[0] == pytest.approx(
+            cls["metrics"][name], abs=1e-5
+        )

@@ -285,3 +285,109 @@ def test_bad_inputs_give_clear_errors(tmp_path, results):
     with pytest.raises(ConfigError, match="line 2 is not JSON"):
         report.read_results(broken)
     assert main(["report", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def seg_row(strategy, n, repeat, dice_per_case, patients, **extra):
+    """A result row with per-case outputs, its dice the mean over cases as the run writes it."""
+    return row(strategy, n, repeat, dice=float(np.mean(dice_per_case))) | {
+        "test_set": "t0",
+        "per_case": {"patients": patients, "dice": list(dice_per_case)},
+        **extra,
+    }
+
+
+def test_test_set_intervals_beside_mean_and_sd(tmp_path):
+    rng = np.random.default_rng(7)
+    patients = np.repeat(np.arange(10), 2).tolist()
+    rows = []
+    for strategy, level in (("random", 0.5), ("full", 0.7)):
+        for repeat in range(3):
+            rows.append(
+                seg_row(
+                    strategy,
+                    10,
+                    repeat,
+                    np.clip(level + rng.normal(0, 0.15, 20), 0, 1).tolist(),
+                    patients,
+                    selection="fixed schedule (n < 30)",
+                )
+            )
+    rows.append(row("random", 40, 0, dice=0.8) | {"selection": "best val epoch"})  # made before per-case outputs
+    out = report.write_report(write_rows(tmp_path / "results.jsonl", rows), tmp_path / "rep", resamples=1000, seed=2)
+    summary = {(s.arm, s.n_labels): s for s in report.summarize(rows, "dice", resamples=1000, seed=2)}
+    full = summary[("full", 10)]
+    # Reference: the same patient resamples, each run's dice recomputed, averaged over the cell's runs.
+    from radpretrain.finetune.uncertainty import patient_weights
+
+    weights = patient_weights(patients, 1000, seed=2)
+    means = np.mean([weights @ np.array(r["per_case"]["dice"]) / weights.sum(1) for r in rows[3:6]], axis=0)
+    assert (full.test_low, full.test_high) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert full.test_low < full.mean < full.test_high
+    assert math.isnan(summary[("random", 40)].test_low)
+    with out.summary_csv.open() as handle:
+        table = {(r["arm"], r["n_labels"]): r for r in csv.DictReader(handle)}
+    assert float(table[("full", "10")]["test_low"]) == pytest.approx(full.test_low)
+    assert table[("full", "10")]["selection"] == "fixed schedule (n < 30)"
+    assert table[("random", "40")]["selection"] == "best val epoch" and table[("random", "40")]["test_low"] == "nan"
+    markdown = out.markdown.read_text()
+    assert f"| full | {full.mean:.3f} ({full.sd:.3f}) [{full.test_low:.3f}, {full.test_high:.3f}] |" in markdown
+    assert "patient-level bootstrap resamples of the test set (seed 2" in markdown
+    assert "- n=10: fixed schedule (n < 30)\n- n=40: best val epoch" in markdown
+
+
+def test_selection_rules_that_differ_between_arms_are_named_per_arm():
+    rows = [row("random", 10, 0, dice=0.5) | {"selection": "fixed schedule (n < 30)"}]
+    rows.append(row("weak-only", 10, 0, dice=0.6) | {"selection": "best val epoch"})
+    rows.append(row("full", 10, 0, dice=0.6))  # an old row: no rule recorded
+    text = report.selection_text(report.summarize(rows, "dice"))
+    assert "n=10: random: fixed schedule (n < 30); weak-only: best val epoch; full: not recorded" in text
+
+
+def cls_row(strategy, repeat, logits, labels):
+    from radpretrain.finetune.uncertainty import weighted_metric
+
+    per_case = {"patients": list(range(len(labels))), "labels": labels, "logits": logits}
+    auroc = float(weighted_metric(per_case, "auroc", np.ones(len(labels)))[0])
+    return row(strategy, 10, repeat, auroc=auroc) | {"test_set": "t1", "per_case": per_case}
+
+
+def test_delong_per_repeat_against_the_baseline(tmp_path):
+    from radpretrain.finetune.uncertainty import delong_test
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random(60) < 0.5).astype(int).tolist()
+    rows = []
+    for repeat in range(3):
+        for strategy, signal in (("random", 0.3), ("full", 2.0)):
+            score = signal * np.array(labels) + rng.normal(0, 1, 60)
+            rows.append(cls_row(strategy, repeat, np.stack([np.zeros(60), score], 1).tolist(), labels))
+    out = report.write_report(write_rows(tmp_path / "results.jsonl", rows), tmp_path / "rep", resamples=200)
+    assert out.delong_csv is not None
+    with out.delong_csv.open() as handle:
+        table = list(csv.DictReader(handle))
+    assert tuple(table[0]) == report.DELONG_COLUMNS and [r["repeat"] for r in table] == ["0", "1", "2"]
+    for r in table:
+        full, base = rows[2 * int(r["repeat"]) + 1], rows[2 * int(r["repeat"])]
+        mine, theirs = (np.array(x["per_case"]["logits"])[:, 1] for x in (full, base))
+        expected = delong_test(mine, theirs, np.array(labels) == 1)
+        assert float(r["p_delong"]) == pytest.approx(expected["p"]) and float(r["p_delong"]) < 0.05
+        assert float(r["auroc_arm"]) == pytest.approx(full["metrics"]["auroc"])
+    markdown = out.markdown.read_text()
+    assert "### DeLong's test against `random` (same test set, per repeat)" in markdown
+    assert "| 3 of 3 |" in markdown and "Per repeat, not combined" in markdown
+    # Another test set, or one-class outputs, pair nothing; a segmentation metric gets no DeLong table.
+    rows[1]["test_set"] = "other"
+    assert [d.repeat for d in report.delong_pairs(rows)] == [1, 2]
+    assert report.write_report(write_rows(tmp_path / "seg.jsonl", [row("random", 5, 0, dice=0.5)])).delong_csv is None
+
+
+def test_learning_curves_put_label_counts_on_a_log_axis(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    closed = []
+    real = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (closed.append(fig), real(fig)))
+    summary = [report.Summary(arm, n, 0.5, 0.1, runs=3) for arm in ("random", "full") for n in (5, 10)]
+    report.plot_learning_curves(summary, "dice", tmp_path / "curve.png")
+    (fig,) = closed
+    assert fig.axes[0].get_xscale() == "log"

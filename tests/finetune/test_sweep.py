@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -11,7 +12,7 @@ from radpretrain.cli import main
 from radpretrain.config import load_config, to_dict
 from radpretrain.data.cohorts import Case
 from radpretrain.errors import CohortError, ConfigError
-from radpretrain.finetune import loop, sweep
+from radpretrain.finetune import loop, report, sweep
 from radpretrain.finetune.config import SweepConfig
 
 from .conftest import SHARED_DATA
@@ -67,6 +68,12 @@ def test_lung_sweep_runs_pairs_and_resumes(lung_cohort, pretrained_encoder, tmp_
             assert {r["n_train"] + r["n_val"] for r in rows if r["n_labels"] == n and r["repeat"] == repeat} == {n}
     assert all(0.0 <= r["metrics"]["dice"] <= 1.0 and r["seconds"]["train"] > 0 for r in rows)
     assert "| random |" in (out / "report.md").read_text() and (out / "learning_curve.png").is_file()
+    # Tiny label counts train on every case for a fixed schedule; the test outputs are kept case by case.
+    assert {r["selection"] for r in rows} == {"fixed schedule (n < 30)"} and {r["n_val"] for r in rows} == {0}
+    assert len({r["test_set"] for r in rows}) == 1
+    assert all(len(r["per_case"]["dice"]) == len(r["per_case"]["patients"]) == n_test for r in rows)
+    text = (out / "report.md").read_text()
+    assert "[95% test-set interval]" in text and "- n=4: fixed schedule (n < 30)" in text
 
     # Resume: a rerun finds nothing to do; a cell whose line was lost (killed mid-write) is redone alone.
     trained = counted(monkeypatch)
@@ -173,3 +180,34 @@ def test_resuming_compares_the_settings_the_saved_sweep_has(tmp_path):
     sweep.check_same_settings(saved, cfg("finetune.workers=3", "finetune.progress=false"))  # how cells run
     with pytest.raises(ConfigError, match=r"other settings \(seed: 0 -> 1; finetune\.epochs: 2 -> 3\)"):
         sweep.check_same_settings(saved, cfg("finetune.epochs=3", "seed=1"))
+
+
+def test_non_finite_scores_reach_the_results_as_they_are(lung_cohort, tmp_path, monkeypatch):
+    # HD95 of an empty prediction is not finite: the run keeps it, the results line holds it, the report counts it.
+    real = loop.task_metrics
+    monkeypatch.setattr(loop, "task_metrics", lambda *args: {**real(*args), "hd95": math.inf, "iou": math.nan})
+    cfg = load_config(
+        SweepConfig,
+        None,
+        [
+            f"finetune.cohort={lung_cohort}",
+            "finetune.structure=lungs",
+            "finetune.encoder=test_resnet",
+            "finetune.size=32",
+            "finetune.epochs=1",
+            "finetune.cpu=true",
+            "finetune.progress=false",
+            "label_counts=[3]",
+            "repeats=1",
+            "strategies=[random]",
+            "test_count=4",
+            "keep_cells=false",
+            f"out={tmp_path}",
+        ],
+    )
+    results = sweep.run_sweep(cfg)
+    assert "Infinity" in results.read_text() and "NaN" in results.read_text()
+    (row,) = lines(results)
+    assert row["metrics"]["hd95"] == math.inf and math.isnan(row["metrics"]["iou"])
+    (cell,) = report.summarize(report.read_results(results), "hd95", resamples=10)
+    assert (cell.runs, cell.failed) == (1, 1)
