@@ -26,31 +26,61 @@ def evaluate(
     model: nn.Module, dataset: Any, task: str, loss_fn: nn.Module, device: torch.device, batch_size: int
 ) -> dict[str, float]:
     """Metrics over a dataset: Dice, IoU, HD95 (MONAI; pixels/voxels) or AUROC (MONAI), accuracy and
-    balanced accuracy (scikit-learn); plus the mean loss."""
+    balanced accuracy (scikit-learn); plus the mean loss. Masks are scored on the items' "valid" region
+    (the unpadded image of a letterboxed case) when they carry one."""
     from torch.utils.data import DataLoader
 
     model.eval()
     losses: list[float] = []
     preds: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
+    valids: list[torch.Tensor] = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         image, target = batch["image"].to(device), batch["target"].to(device)
         logits = model(image).float()
         losses.append(float(loss_fn(logits, target)) * image.shape[0])
         preds.append(logits.cpu())
         targets.append(target.cpu())
+        if "valid" in batch:
+            valids.append(batch["valid"])
     logits, target = torch.cat(preds), torch.cat(targets)
     metrics = {"loss": sum(losses) / len(dataset)}
-    metrics.update(segmentation_metrics(logits, target) if task == "seg" else classification_metrics(logits, target))
+    if task == "seg":
+        metrics.update(segmentation_metrics(logits, target, torch.cat(valids) if valids else None))
+    else:
+        metrics.update(classification_metrics(logits, target))
     return metrics
 
 
-def segmentation_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Mean Dice and IoU (an empty mask predicted empty scores 1) and mean HD95 over cases where it is finite."""
+def segmentation_metrics(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Mean Dice, IoU and HD95 (pixels/voxels) over the cases, on each case's `valid` region (default: all).
+
+    Padding outside `valid` is scored as background in neither prediction nor truth, so it changes no
+    metric. Dice and IoU of an empty mask predicted empty are 1; HD95 of such a case is 0 (perfect
+    agreement). HD95 is undefined when exactly one of the two is empty (no surface to measure from), most
+    often an empty prediction: such a case fails. `hd95_failed` counts the failed cases and `hd95` is NaN
+    when any case failed, so a run that predicts nothing for some cases never gets a better HD95 than one
+    that tries: the report counts the run as failed ("failed 2 of 6") instead of averaging over the rest.
+
+    Args:
+        logits: (N, 1, ...) mask logits.
+        target: (N, 1, ...) truth in {0, 1}.
+        valid: (N, 1, ...) bool, True where the image is (not letterbox padding); None scores everything.
+
+    Returns:
+        {"dice", "iou", "hd95", "hd95_failed"} (the last a count of cases, as a float).
+    """
     from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
     pred = (logits.sigmoid() > 0.5).float()
     truth = (target > 0.5).float()
+    if valid is not None:
+        if valid.shape != pred.shape:
+            raise ValueError(f"valid has shape {tuple(valid.shape)} but the masks have {tuple(pred.shape)}")
+        inside = valid.to(pred.device).bool()
+        pred, truth = pred * inside, truth * inside
     dice = cast(torch.Tensor, DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
     iou = cast(torch.Tensor, MeanIoU(include_background=True, reduction="none", ignore_empty=False)(pred, truth))
     with warnings.catch_warnings():
@@ -59,12 +89,16 @@ def segmentation_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str
         hd = cast(
             torch.Tensor, HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(pred, truth)
         )
-    hd = hd.flatten()
-    finite = hd[torch.isfinite(hd)]
+    hd = hd.flatten().clone()
+    spatial = tuple(range(1, pred.ndim))
+    both_empty = (pred.sum(dim=spatial) == 0) & (truth.sum(dim=spatial) == 0)
+    hd[both_empty.flatten().to(hd.device)] = 0.0
+    failed = int((~torch.isfinite(hd)).sum())
     return {
         "dice": float(dice.mean()),
         "iou": float(iou.mean()),
-        "hd95": float(finite.mean()) if finite.numel() else math.nan,
+        "hd95": math.nan if failed else float(hd.mean()),
+        "hd95_failed": float(failed),
     }
 
 
