@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radpretrain.data.readers import BITMAP_EXTS, IMAGE_EXTS, VOLUME_EXTS, extension
+from radpretrain.data.readers import BITMAP_EXTS, IMAGE_EXTS, VOLUME_EXTS, CaseArrays, extension
 from radpretrain.errors import CohortError
 from radpretrain.registry import did_you_mean
 
@@ -65,9 +65,7 @@ class Cohort:
     classes: list[str] = field(default_factory=list)
     layout: str = ""
     # Decoded, resized, windowed arrays by (case, size): shared by every dataset over this cohort.
-    _arrays: dict[tuple[Case, tuple[int, ...]], tuple[np.ndarray, np.ndarray | None]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    _arrays: dict[tuple[Case, tuple[int, ...]], CaseArrays] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

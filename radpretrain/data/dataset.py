@@ -20,9 +20,11 @@ class CohortDataset(Dataset):
     """Cases of a cohort as encoder inputs and targets, decoded once and kept in memory.
 
     Items: {"image": (1, H, W) or (1, D, H, W) float32 in the intensity convention, "target": the mask as
-    (1, ...) float32 in {0, 1} (segmentation), a long class index or a float (classification), "id",
-    "patient"}. Every case is decoded, checked and resized when the dataset is made (errors come before
-    any training); the arrays are cached on the cohort, so datasets over the same cohort share them.
+    (1, ...) float32 in {0, 1} (segmentation), a long class index or a float (classification), "valid":
+    (1, ...) bool, True where the image is rather than letterbox padding (metrics score only there), "id",
+    "patient"}. Every case is decoded, checked, windowed and letterboxed as pretraining views are
+    (`readers.read_case`) when the dataset is made (errors come before any training); the arrays are
+    cached on the cohort, so datasets over the same cohort share them.
 
     Augmentation (training only; MONAI, same for 2D and 3D, no flips since laterality matters): a random
     affine (rotation up to 10 degrees, scale 0.9-1.1, shift up to 5%) on image and mask, gamma 0.8-1.25,
@@ -70,9 +72,9 @@ class CohortDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
-        image01, mask = self.cohort._arrays[(case, self.size)]
+        image01, mask, valid = self.cohort._arrays[(case, self.size)]
         if self._transform is not None:
-            image01, mask = self._augment(image01, mask)
+            image01, mask, valid = self._augment(image01, mask, valid)
         image = torch.from_numpy(intensity.normalize(image01)[None].copy())
         target: torch.Tensor
         if mask is not None:
@@ -81,9 +83,12 @@ class CohortDataset(Dataset):
             target = torch.tensor(case.target, dtype=torch.float32)
         else:
             target = torch.tensor(case.target, dtype=torch.long)
-        return {"image": image, "target": target, "id": case.id, "patient": case.patient}
+        valid_t = torch.from_numpy(valid[None].copy())
+        return {"image": image, "target": target, "valid": valid_t, "id": case.id, "patient": case.patient}
 
-    def _augment(self, image01: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _augment(
+        self, image01: np.ndarray, mask: np.ndarray | None, valid: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         from monai.utils import convert_to_numpy
 
         assert self._transform is not None
@@ -91,13 +96,14 @@ class CohortDataset(Dataset):
         if seed != self._seed:  # a new DataLoader worker or a reseeded process
             self._transform.set_random_state(seed=seed)
             self._seed = seed
-        data = {"image": image01[None]}
+        # The padding moves with the image, so "valid" goes through the affine as the mask does.
+        data = {"image": image01[None], "valid": valid[None].astype(np.float32)}
         if mask is not None:
             data["mask"] = mask[None].astype(np.float32)
         out = self._transform(data)
         image = np.clip(convert_to_numpy(out["image"])[0], 0.0, 1.0).astype(np.float32)
         new_mask = None if mask is None else (convert_to_numpy(out["mask"])[0] >= 0.5).astype(np.uint8)
-        return image, new_mask
+        return image, new_mask, convert_to_numpy(out["valid"])[0] >= 0.5
 
 
 def _size(size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
@@ -110,7 +116,7 @@ def _size(size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
 def _augmentation(size: tuple[int, ...], with_mask: bool) -> Any:
     from monai import transforms as T
 
-    keys = ["image", "mask"] if with_mask else ["image"]
+    keys = ["image", "valid", "mask"] if with_mask else ["image", "valid"]
     spatial_dims = len(size)
     angles = (np.deg2rad(10.0),) * (1 if spatial_dims == 2 else 3)
     return T.Compose(
@@ -121,7 +127,7 @@ def _augmentation(size: tuple[int, ...], with_mask: bool) -> Any:
                 rotate_range=angles,
                 scale_range=(0.1,) * spatial_dims,
                 translate_range=tuple(0.05 * side for side in size),  # in pixels
-                mode="bilinear",  # masks too: thresholded at 0.5 afterwards, smoother than nearest
+                mode="bilinear",  # masks and valid too: thresholded at 0.5 afterwards, smoother than nearest
                 padding_mode="zeros",
             ),
             T.RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),

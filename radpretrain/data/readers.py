@@ -1,22 +1,31 @@
-"""Image and volume readers for cohort cases: PNG/JPEG, DICOM files and series, NRRD/NIfTI, windowed and resized."""
+"""Image and volume readers for cohort cases: PNG/JPEG, DICOM files and series, NRRD/NIfTI, windowed and letterboxed."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
 from radpretrain import intensity
+from radpretrain.data import letterbox
 from radpretrain.errors import CohortError, DicomError
-from radpretrain.shards.format import ROBUST_PERCENTILES
 
 if TYPE_CHECKING:
     from radpretrain.data.cohorts import Case
 
-#: 8-bit PNG/JPEG are already display-windowed; 16-bit PNG is not.
+
+class CaseArrays(NamedTuple):
+    """One decoded case at one size: the float32 image in [0, 1], the uint8 {0, 1} mask (None for
+    classification) and the bool region holding the image rather than letterbox padding."""
+
+    image01: np.ndarray
+    mask: np.ndarray | None
+    valid: np.ndarray
+
+
+#: PNG/JPEG images (8 or 16 bits); windowed by their robust range like every image without a DICOM window.
 BITMAP_EXTS = (".png", ".jpg", ".jpeg")
 #: Files read as 2D images (DICOM files too, or as volumes when multi-frame in a 3D cohort).
 IMAGE_EXTS = (*BITMAP_EXTS, ".dcm", ".dicom")
@@ -32,30 +41,29 @@ def extension(path: Path) -> str:
     return Path(name).suffix
 
 
-def read_case(case: Case, spatial_dims: int, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode one case, check its mask fits, resize to `size` and window to [0, 1] (the shards' convention).
+def read_case(case: Case, spatial_dims: int, size: Sequence[int]) -> CaseArrays:
+    """Decode one case, check its mask fits, window it and letterbox it to `size` as pretraining views are.
 
-    Returns:
-        The float32 image in [0, 1] of shape `size`, and the uint8 {0, 1} mask of the same shape (None
-        for classification). Windowing: the DICOM header window, else 8-bit PNG/JPEG divided by 255 (they
-        are display images already), else the robust 0.5-99.5 percentile range of the resized image.
+    Windowing follows `intensity.image_window`: the DICOM header window, else the robust range of the
+    decoded pixels (8-bit PNG/JPEG too, as the shards do). The image is then `letterbox.fit` (aspect ratio
+    kept in the image plane), windowed to [0, 1] and padded with `letterbox.FILL`; the mask is fitted,
+    thresholded at 0.5 and padded with 0; `valid` marks the unpadded region that metrics score.
     """
-    pixels, window = _read_pixels(case, spatial_dims)
+    pixels, header_window = _read_pixels(case, spatial_dims)
     mask = _read_mask(case, spatial_dims) if isinstance(case.target, Path) else None
     if mask is not None and mask.shape != pixels.shape:
         raise CohortError(
             f"case {case.id}: mask shape {mask.shape} differs from image shape {pixels.shape}; masks must "
             "match their image pixel for pixel"
         )
-    image = _resize(pixels.astype(np.float32), size)
-    if window is None:
-        # Not apply_window: it floors the width at one stored unit, too wide for float volumes in [0, 1].
-        low, high = np.percentile(image, ROBUST_PERCENTILES)
-        image01 = np.clip((image - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
-    else:
-        image01 = intensity.apply_window(image, *window)
-    resized_mask = None if mask is None else (_resize(mask.astype(np.float32), size) >= 0.5).astype(np.uint8)
-    return image01, resized_mask
+    window = intensity.image_window(pixels, header_window)
+    fitted = letterbox.fit(pixels.astype(np.float32), size)
+    # image_window floors header windows at one unit and robust ones by dtype: no second floor here.
+    image01, region = letterbox.pad(intensity.apply_window_(fitted, *window, intensity.FLOAT_MIN_WIDTH), size)
+    resized_mask = None
+    if mask is not None:
+        resized_mask, _ = letterbox.pad((letterbox.fit(mask.astype(np.float32), size) >= 0.5).astype(np.uint8), size, 0)
+    return CaseArrays(image01, resized_mask, letterbox.valid_mask(region, size))
 
 
 def _read_pixels(case: Case, spatial_dims: int) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -63,8 +71,7 @@ def _read_pixels(case: Case, spatial_dims: int) -> tuple[np.ndarray, tuple[float
     if path.is_dir():
         return _read_series(case)
     if ext in BITMAP_EXTS:
-        pixels = _read_bitmap(path, case.id, "image")
-        return pixels, ((127.5, 255.0) if pixels.dtype == np.uint8 else None)
+        return _read_bitmap(path, case.id, "image"), None
     if ext in VOLUME_EXTS:
         return _read_volume(path, case.id, "image"), None
     return _read_dicom_file(case, spatial_dims)
@@ -160,15 +167,3 @@ def _slice_position(ds: Any) -> float:
         return float(position @ np.cross(orientation[:3], orientation[3:]))
     except (AttributeError, ValueError, TypeError):
         return float(ds.get("InstanceNumber", 0) or 0)
-
-
-def _resize(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Area averaging along the axes that shrink (as the shards' INTER_AREA), then linear along those that grow."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    shrunk = tuple(min(s, a) for s, a in zip(size, array.shape, strict=True))
-    if shrunk != tuple(array.shape):
-        tensor = torch.nn.functional.interpolate(tensor, size=shrunk, mode="area")
-    if shrunk != tuple(size):
-        mode = "bilinear" if array.ndim == 2 else "trilinear"
-        tensor = torch.nn.functional.interpolate(tensor, size=tuple(size), mode=mode, align_corners=False)
-    return tensor[0, 0].numpy()

@@ -15,9 +15,10 @@ import cv2
 import numpy as np
 
 from radpretrain import intensity
+from radpretrain.data import letterbox
 from radpretrain.errors import ConfigError
 from radpretrain.registry import did_you_mean
-from radpretrain.shards.format import LABEL_NAMES, ROBUST_PERCENTILES, STRONG_VIEWS, VIEW_NAMES
+from radpretrain.shards.format import LABEL_NAMES, STRONG_VIEWS, VIEW_NAMES
 
 #: Label tensors every sample carries: long, -1 where missing (ignore_index of the metadata task).
 MISSING = -1
@@ -33,7 +34,8 @@ class AugmentConfig:
     """
 
     #: "random_crop": random resized crop (area fraction `crop_scale`, aspect `crop_ratio`) of the stored
-    #: image; "letterbox": the whole image, longest side resized, zero-padded to a square (deterministic).
+    #: image; "letterbox": the whole image fitted keeping its aspect ratio, windowed, then centred on a
+    #: square padded with `letterbox.FILL` (0 in [0, 1]): `data.letterbox`, as cohort cases are.
     resize: Literal["random_crop", "letterbox"] = "random_crop"
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
@@ -121,14 +123,17 @@ class ViewsConfig:
 
 
 def stored_window(pixels: np.ndarray, meta: Mapping[str, Any]) -> tuple[float, float]:
-    """(centre, width) in stored units: the shard's window, else its robust range, else the image's."""
+    """(centre, width) in stored units: the shard's window, else its robust range, else the image's.
+
+    The shard's window is `intensity.image_window` of the file (written by the sharder).
+    """
     center, width = meta.get("window_center"), meta.get("window_width")
     if center is not None and width is not None and float(width) > 0:
         return float(center), float(width)
     low, high = meta.get("intensity_low"), meta.get("intensity_high")
     if low is None or high is None or float(high) <= float(low):
-        low, high = np.percentile(pixels, ROBUST_PERCENTILES)
-    return (float(low) + float(high)) / 2.0, max(float(high) - float(low), 1.0)
+        return intensity.robust_window(pixels)
+    return intensity.range_window(low, high)
 
 
 def jitter_window(center: float, width: float, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[float, float]:
@@ -171,10 +176,10 @@ def resize_view(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class RadiographAugment:
     """One policy as a callable: (float32 HxW stored values, stored window) -> float32 (1, S, S) encoder input.
 
-    Order: albumentations' crop (or letterbox) of the stored image -> the jittered window to [0, 1] and
-    gamma -> a small affine -> Gaussian blur -> Gaussian noise (clipped to [0, 1]) -> CLAHE / flip
-    (albumentations) -> `intensity.normalize`. The window, gamma, affine, blur and noise are single OpenCV
-    calls on the view rather than albumentations transforms: albumentations spends 0.1-0.15 ms per applied
+    Order: albumentations' crop (or `letterbox.fit`) of the stored image -> the jittered window to [0, 1]
+    and gamma (-> `letterbox.pad`) -> a small affine -> Gaussian blur -> Gaussian noise (clipped to [0, 1])
+    -> CLAHE / flip (albumentations) -> `intensity.normalize`. The window, gamma, affine, blur and noise are
+    single OpenCV calls on the view rather than albumentations transforms: albumentations spends 0.1-0.15 ms per applied
     transform on its own bookkeeping (measured on 224 px views: Affine 0.25 ms vs warpAffine 0.10,
     GaussNoise 0.26 vs cv2.randn 0.13, RandomGamma's numpy power 0.30 vs cv2.pow 0.06), which is most of a
     view's cost.
@@ -189,13 +194,8 @@ class RadiographAugment:
         self.cfg = cfg
         self.image_size = image_size
         size = (image_size, image_size)
-        geometry: list[A.BasicTransform]
-        if cfg.resize == "letterbox":
-            geometry = [
-                A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_AREA, p=1.0),
-                A.PadIfNeeded(image_size, image_size, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
-            ]
-        else:
+        geometry: list[A.BasicTransform] = []
+        if cfg.resize != "letterbox":  # the letterbox is `data.letterbox`, shared with cohorts, in __call__
             geometry = [RadiographCrop(size=size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, p=1.0)]
         self.geometry = A.Compose(geometry)
         finish: list[A.BasicTransform] = []
@@ -217,10 +217,17 @@ class RadiographAugment:
     def __call__(self, pixels: np.ndarray, window: tuple[float, float]) -> np.ndarray:
         if pixels.ndim != 2:
             raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
-        image: np.ndarray = np.asarray(self.geometry(image=pixels)["image"], dtype=np.float32)
-        if np.shares_memory(image, pixels):  # a letterbox of an image already at size: the sample's own array
+        size = (self.image_size, self.image_size)
+        image: np.ndarray
+        if self.cfg.resize == "letterbox":
+            image = letterbox.fit(pixels, size)
+        else:
+            image = np.asarray(self.geometry(image=pixels)["image"], dtype=np.float32)
+        if np.shares_memory(image, pixels):  # an image already at size: the sample's own array, shared by views
             image = image.copy()
         image = self.window(image, window)
+        if self.cfg.resize == "letterbox":  # padded after the window, so the padding is FILL whatever the window
+            image, _ = letterbox.pad(image, size)
         cfg, rng = self.cfg, self.rng
         if cfg.affine_p > 0 and rng.random() < cfg.affine_p:
             image = cv2.warpAffine(

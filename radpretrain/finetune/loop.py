@@ -323,10 +323,12 @@ def train_and_evaluate(
     per_case: dict[str, Any] = {}
     if test:
         test_set = CohortDataset(cohort, test, cfg.size, augment=False)
-        logits, target, loss = predict(built.model, test_set, make_loss(task, cfg), accelerator.device, cfg.batch_size)
+        logits, target, valid, loss = predict(
+            built.model, test_set, make_loss(task, cfg), accelerator.device, cfg.batch_size
+        )
         # Non-finite scores (HD95 of an empty prediction) pass through as they are: the report counts them.
-        metrics = {"loss": loss, **task_metrics(task, logits, target)}
-        per_case = {"patients": patient_indices(test), **per_case_outputs(task, logits, target)}
+        metrics = {"loss": loss, **task_metrics(task, logits, target, valid)}
+        per_case = {"patients": patient_indices(test), **per_case_outputs(task, logits, target, valid)}
     finished = time.perf_counter()
     result = {
         "strategy": str(built.spec),

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from radpretrain import intensity
 from radpretrain.shards import deid
 from radpretrain.shards.codecs import CODECS
 from radpretrain.shards.format import ROBUST_PERCENTILES, SCHEMA_VERSION
@@ -75,7 +76,7 @@ def sample_meta(
     """The json of one sample: derived index fields + what the pixels say, all in stored units."""
     low, high = robust_range(stored)
     if window is None:  # the robust range is in stored units already
-        center, width = (low + high) / 2.0, max(high - low, 1.0)
+        center, width = intensity.range_window(low, high)
     else:
         center, width = window[0] - offset, window[1]
     scale_r, scale_c = original_shape[0] / stored.shape[0], original_shape[1] / stored.shape[1]

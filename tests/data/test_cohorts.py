@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from radpretrain import intensity
+from radpretrain.data import letterbox
 from radpretrain.data.cohorts import load_cohort
 from radpretrain.data.dataset import CohortDataset
 from radpretrain.data.readers import read_case
@@ -31,7 +32,7 @@ def _write_table(path: Path, rows: list[dict[str, object]]) -> Path:
     return path
 
 
-def test_lungseg_pairs_load_with_8bit_images_divided_by_255() -> None:
+def test_lungseg_pairs_load_with_8bit_images_in_their_robust_window_as_shards_do() -> None:
     cohort = load_cohort(SHARED_DATA / "lungseg-2d")
     assert (cohort.kind, cohort.spatial_dims, cohort.layout) == ("seg2d", 2, "image/mask pairs")
     assert [(c.id, c.patient, c.image.name, c.target.name) for c in cohort.cases] == [
@@ -39,7 +40,13 @@ def test_lungseg_pairs_load_with_8bit_images_divided_by_255() -> None:
     ]
     native = CohortDataset(cohort, cohort.cases[:1], size=512)[0]
     jpeg = cv2.imread(str(SHARED_DATA / "lungseg-2d" / "1.jpg"), cv2.IMREAD_GRAYSCALE)
-    torch.testing.assert_close(native["image"][0], torch.from_numpy(intensity.normalize(jpeg / np.float32(255))))
+    # 8-bit display images get the robust 0.5-99.5 % range like every image without a DICOM window
+    # (not /255): the window the sharder writes for the same file.
+    low, high = np.percentile(jpeg, (0.5, 99.5))
+    assert (low, high) != (0, 255)  # the rule matters for this image
+    expected = np.clip((jpeg.astype(np.float32) - low) / (high - low), 0, 1)
+    torch.testing.assert_close(native["image"][0], torch.from_numpy(intensity.normalize(expected)))
+    assert native["valid"].shape == (1, 512, 512) and bool(native["valid"].all())
     mask = cv2.imread(str(SHARED_DATA / "lungseg-2d" / "1-mask.png"), cv2.IMREAD_GRAYSCALE)
     assert torch.equal(native["target"][0], torch.from_numpy((mask > 0).astype(np.float32)))
 
@@ -63,7 +70,7 @@ def test_volume_pairs_load_in_both_naming_conventions_with_a_robust_window() -> 
         "prostate_phantom_subvolume": ("prostate_phantom_subvolume.nrrd", "prostate_phantom_subvolume-label.nrrd"),
     }
     case = next(c for c in cohort.cases if c.id == "prostate_phantom_subvolume")
-    image01, mask = read_case(case, 3, (13, 67, 82))  # native size: no resampling
+    image01, mask, _ = read_case(case, 3, (13, 67, 82))  # native size: no resampling
     labels, _ = nrrd.read(str(case.target), index_order="C")
     assert np.array_equal(mask, labels != 0)  # labels 1, 7, 8, 9 are all foreground
     pixels, _ = nrrd.read(str(case.image), index_order="C")
@@ -71,10 +78,21 @@ def test_volume_pairs_load_in_both_naming_conventions_with_a_robust_window() -> 
     np.testing.assert_allclose(image01, np.clip((pixels - low) / (high - low), 0, 1), atol=1e-6)
 
     dataset = CohortDataset(cohort, size=16)
-    for item in dataset:
-        assert item["image"].shape == item["target"].shape == (1, 16, 16, 16)
-        assert item["image"].min() == (0 - intensity.MEAN) / intensity.STD
-        assert item["image"].max() == (1 - intensity.MEAN) / intensity.STD
+    for case, item in zip(dataset.cases, dataset, strict=True):
+        assert item["image"].shape == item["target"].shape == item["valid"].shape == (1, 16, 16, 16)
+        pixels, _ = nrrd.read(str(case.image), index_order="C")
+        # The window is the decoded volume's robust range (not the resized one's), the plane keeps its
+        # aspect ratio (depth takes its size on its own), and the padding is 0 in [0, 1].
+        low, high = np.percentile(pixels, (0.5, 99.5))
+        shape = letterbox.fit_shape(pixels.shape, (16, 16, 16))
+        valid = item["valid"][0].numpy()
+        assert valid.sum() == np.prod(shape) and valid[letterbox.box(shape, (16, 16, 16))].all()
+        image01 = item["image"][0].numpy() * intensity.STD + intensity.MEAN
+        expected = np.clip((letterbox.resize(pixels.astype(np.float32), shape) - low) / (high - low), 0, 1)
+        np.testing.assert_allclose(image01[valid].reshape(shape), expected, atol=1e-5)
+        assert np.all(image01[~valid] == 0.0) and not item["target"][0].numpy()[~valid].any()
+        if case.id == "prostate_phantom_subvolume":  # 13 x 67 x 82: rows 67 * 16 / 82 -> 13, centred
+            assert shape == (16, 13, 16) and valid[:, 1:14].all() and not valid[:, [0, 14, 15]].any()
 
 
 def test_synthetic_masks_table_needs_one_structure_and_reads_dicom(tmp_path: Path) -> None:
@@ -136,8 +154,15 @@ def test_csv_labels_become_class_indices_and_16bit_png_gets_the_robust_window(tm
     dataset = CohortDataset(cohort, cohort.cases[:4], size=(32, 40))
     item = dataset[0]
     assert item["image"].shape == (1, 32, 40) and item["target"].dtype == torch.long and item["target"] == 2
-    image01 = item["image"] * intensity.STD + intensity.MEAN
-    assert image01.min() == 0 and image01.max() == 1
+    # Letterboxed, not stretched: 40 x 48 fits (32, 40) as 32 x 38 (area-averaged), one padding column each
+    # side; the window is the robust range of the decoded 16-bit image.
+    image01 = (item["image"][0] * intensity.STD + intensity.MEAN).numpy()
+    pixels = cv2.imread(str(tmp_path / "img0.png"), cv2.IMREAD_UNCHANGED)
+    low, high = np.percentile(pixels, (0.5, 99.5))
+    fitted = cv2.resize(pixels.astype(np.float32), (38, 32), interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(image01[:, 1:39], np.clip((fitted - low) / (high - low), 0, 1), atol=1e-5)
+    assert np.all(image01[:, [0, 39]] == 0.0)
+    assert item["valid"][0, :, 1:39].all() and not item["valid"][0, :, [0, 39]].any()
 
     _write_table(
         table, [{"image": r["image"], "finding": v} for r, v in zip(rows, ["2", "1", "2", "1", "1"], strict=True)]
@@ -163,7 +188,7 @@ def test_nifti_pairs_are_read_as_depth_height_width(tmp_path: Path) -> None:
     assert [(c.id, c.image.name, c.target.name) for c in cohort.cases] == [
         ("case7", "case7.nii.gz", "case7_seg.nii.gz")
     ]
-    _, mask = read_case(cohort.cases[0], 3, (6, 5, 4))
+    _, mask, _ = read_case(cohort.cases[0], 3, (6, 5, 4))
     assert mask.shape == (6, 5, 4) and mask[3, 2, 1] == 1 and mask.sum() == 1
 
 
@@ -202,7 +227,7 @@ def test_a_dicom_series_folder_is_a_volume_ordered_along_the_slice_normal(tmp_pa
     nrrd.write(str(tmp_path / "knee_label.nrrd"), labels, index_order="C")
     cohort = load_cohort(tmp_path)
     assert (cohort.kind, [c.id for c in cohort.cases]) == ("seg3d", ["knee"])
-    image01, mask = read_case(cohort.cases[0], 3, (4, 6, 8))
+    image01, mask, _ = read_case(cohort.cases[0], 3, (4, 6, 8))
     # The header window (centre 300, width 400) maps 100..400 to 0..0.75.
     np.testing.assert_allclose(image01[:, 0, 0], [0.0, 0.25, 0.5, 0.75])
     assert mask[2].all() and mask.sum() == 48
@@ -214,7 +239,7 @@ def test_multiframe_dicom_files_are_volumes_in_a_3d_cohort(tmp_path: Path) -> No
     table = _write_table(tmp_path / "cohort.csv", [{"image": f"vol{n}.dcm", "label": n} for n in range(2)])
     cohort = load_cohort(table, kind="cls3d")
     assert (cohort.kind, [c.target for c in cohort.cases]) == ("cls3d", [0, 1])
-    image01, mask = read_case(cohort.cases[1], 3, (3, 6, 8))
+    image01, mask, _ = read_case(cohort.cases[1], 3, (3, 6, 8))
     assert mask is None and image01.shape == (3, 6, 8) and np.allclose(image01, 0.5)  # 300 in window 300/400
     flat = load_cohort(table)
     assert flat.kind == "cls2d"
