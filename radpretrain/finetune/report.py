@@ -26,9 +26,10 @@ from radpretrain.finetune.uncertainty import (
 )
 from radpretrain.registry import did_you_mean
 
-#: Metrics in the order a report picks its default from; all but hd95 are higher-is-better.
+#: Metrics in the order a report picks its default from; all but hd95 (and its failed-case count) are
+#: higher-is-better.
 METRIC_PREFERENCE = ("dice", "auroc", "balanced_accuracy", "accuracy", "iou")
-LOWER_IS_BETTER = frozenset({"hd95", "loss"})
+LOWER_IS_BETTER = frozenset({"hd95", "hd95_failed", "loss"})
 
 #: Fewer pairs get no interval: below 6 the sd of the differences rests on at most 4 degrees of freedom, and
 #: an exact two-sided sign-flip or Wilcoxon p cannot go below 2 / 2^n (0.25 at 3 pairs, 0.0625 at 5).
