@@ -101,13 +101,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _run_sweep(args: argparse.Namespace) -> int:
     from radpretrain.config import load_config
     from radpretrain.finetune.config import SweepConfig
-    from radpretrain.finetune.report import write_report
-    from radpretrain.finetune.sweep import run_sweep
+    from radpretrain.finetune.sweep import sweep_and_report
 
     path, overrides = split_config_arguments(args)
-    cfg = load_config(SweepConfig, path, overrides)
-    results = run_sweep(cfg)
-    files = write_report(results)
+    results, files = sweep_and_report(load_config(SweepConfig, path, overrides))
     print(f"results: {results}\nreport: {files.markdown}\nplot: {files.plot}")
     return 0
 

@@ -26,6 +26,7 @@ from radpretrain.finetune.config import FinetuneConfig, SweepConfig
 
 if TYPE_CHECKING:
     from radpretrain.data.cohorts import Case, Cohort
+    from radpretrain.finetune.report import ReportFiles
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,14 @@ def check_same_settings(saved: Path, cfg: SweepConfig) -> None:
             f"{saved.parent} holds results made with other settings ({'; '.join(changed)}); give a new out "
             "folder, or restore the settings to resume"
         )
+
+
+def sweep_and_report(cfg: SweepConfig) -> tuple[Path, ReportFiles]:
+    """`radpretrain sweep`: run every unfinished cell, then write the report of all results beside them."""
+    from radpretrain.finetune.report import write_report
+
+    results = run_sweep(cfg)
+    return results, write_report(results)
 
 
 def run_sweep(cfg: SweepConfig) -> Path:
