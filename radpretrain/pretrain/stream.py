@@ -116,8 +116,10 @@ class BatchStream(Iterator[dict[str, torch.Tensor]]):
     def _open(self) -> None:
         from torch.utils.data import DataLoader
 
-        from radpretrain.shards.reader import build_pipeline
+        from radpretrain.shards.reader import build_pipeline, prepare_worker_sockets
 
+        if self.cfg.data.workers:
+            prepare_worker_sockets()
         self._rng = RngScope(derive_seed(self.cfg.seed, self.epoch, self.rank, 1))
         with self._rng:
             pipeline = build_pipeline(
@@ -189,7 +191,7 @@ def probe_batches(shards: ShardSet, split: str, cfg: PretrainConfig, vocab: dict
     from torch.utils.data import DataLoader
 
     from radpretrain.data.transforms import AugmentConfig, ViewsConfig, build_sample_fn
-    from radpretrain.shards.reader import build_pipeline
+    from radpretrain.shards.reader import build_pipeline, prepare_worker_sockets
 
     evaluation = ViewsConfig(plain=AugmentConfig.evaluation())  # deterministic: whole image, stored window
     # Unshuffled: the sharder already shuffled globally, and a fixed sample makes probes comparable.
@@ -200,4 +202,6 @@ def probe_batches(shards: ShardSet, split: str, cfg: PretrainConfig, vocab: dict
         map_fn=build_sample_fn((PROBE_VIEW,), evaluation, vocab, cfg.data.image_size),
     )
     workers = min(cfg.data.workers, 2)
+    if workers:
+        prepare_worker_sockets()
     return DataLoader(pipeline, batch_size=cfg.probe.batch_size, num_workers=workers, generator=torch.Generator())
