@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from radpretrain import __version__, intensity
+from radpretrain import __version__, files, intensity
 from radpretrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -62,26 +63,48 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainS
     """Write model, optimiser, scaler and RNG states (accelerate) plus `state` as RUN/checkpoint, atomically.
 
     Every process must call this (each saves its own RNG state). The new checkpoint is written beside the
-    old one and swapped in by renames, so a kill at any moment leaves one complete checkpoint.
+    old one as a temp folder (`files.atomic_path`) and swapped in by renames, so a kill at any moment
+    leaves one complete checkpoint.
     """
     run_dir = Path(run_dir)
-    partial = run_dir / (CHECKPOINT + ".partial")
     final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(partial, final)
+    main = accelerator.is_main_process
+    with files.atomic_path(final) if main else contextlib.nullcontext(None) as mine:
+        partial = _from_main(accelerator, mine)  # every process writes into the main process's temp folder
+        if main:
+            remove_partial(run_dir)  # what a killed save left: never used
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if main:
+            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+        # leaving the block renames the temp folder to `final`
+    if main:
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Remove the temp folders of checkpoint saves that were killed (any host or process)."""
+    for path in run_dir.glob(f".{CHECKPOINT}{files.TMP_MARK}*"):
+        if files.is_temp(path) and files.target_of_temp(path) == CHECKPOINT:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _from_main(accelerator: Accelerator, path: Path | None) -> Path:
+    """The main process's `path` on every process (temp names differ by host and process id)."""
+    if accelerator.num_processes == 1:
+        assert path is not None
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    shared = broadcast_object_list([str(path) if path is not None else None], from_process=0)
+    return Path(shared[0])
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> TrainState:

@@ -5,26 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from radpretrain import intensity
+from radpretrain import files
 from radpretrain.config import save_config, to_dict
 from radpretrain.errors import ConfigError, NonFiniteLossError, ShardError
 from radpretrain.pretrain import checkpoint as ckpt
+from radpretrain.pretrain import stream
 from radpretrain.pretrain.config import RESUME_FIXED, PretrainConfig
+from radpretrain.shards.format import MANIFEST, ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     from radpretrain.data.transforms import build_sample_fn
     from radpretrain.models.encoders import build_encoder
     from radpretrain.pretrain.tasks import build_objective
-    from radpretrain.shards.format import ShardSet
 
     if cfg.data.shards is None:
         raise ConfigError(
@@ -82,15 +81,10 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     main = accelerator.is_main_process
     if logging.getLogger("accelerate").level == logging.NOTSET:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown the bar
-    manifest = ShardSet.open(cfg.data.shards).manifest
-    check_data(cfg, manifest)
-    vocab: dict[str, list[str]] = manifest["vocab"]
-    urls = ShardSet.open(cfg.data.shards).urls("train")
-    if len(urls) < accelerator.num_processes:
-        raise ShardError(
-            f"the train split has {len(urls)} shard(s) for {accelerator.num_processes} processes; each process "
-            "reads its own shards, so re-shard with a smaller --shard-size or use fewer processes"
-        )
+    shards = ShardSet.open(cfg.data.shards)  # the one read of the manifest: data, probes and summary share it
+    check_data(cfg, shards.manifest)
+    vocab = shards.vocab
+    urls = stream.train_urls(shards, accelerator.num_processes)
     existing = ckpt.find_checkpoint(run_dir)
     if existing is not None and not cfg.resume:
         raise ConfigError(
@@ -119,24 +113,17 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
         save_config(cfg, run_dir / ckpt.CONFIG_FILE)
         truncate_log(run_dir / ckpt.LOG_FILE, state.step)
     accelerator.init_trackers("tensorboard")
-    position = None
-    if state.positions is not None and state.world_size == accelerator.num_processes:
-        position = state.positions[accelerator.process_index]
-    elif state.positions is not None:
-        log.warning(
-            "the run had %d processes and now has %d: data restarts at a new epoch",
-            state.world_size,
-            accelerator.num_processes,
-        )
-        position = {"epoch": max(p["epoch"] for p in state.positions) + 1, "batches": 0}
+    position = stream.start_position(
+        state.positions, state.world_size, accelerator.num_processes, accelerator.process_index
+    )
 
     def sample_fn(seed: int) -> Callable[[dict], Any]:
-        return with_key(build_sample_fn(objective.views, cfg.augment, vocab, cfg.data.image_size, seed=seed))
+        return stream.with_key(build_sample_fn(objective.views, cfg.augment, vocab, cfg.data.image_size, seed=seed))
 
-    stream = None
+    train = None
     if batches is None:
-        stream = BatchStream(urls, sample_fn, cfg, accelerator.process_index, accelerator.device, position)
-    source = stream if stream is not None else cycle_on(batches or [], accelerator.device)
+        train = stream.BatchStream(urls, sample_fn, cfg, accelerator.process_index, accelerator.device, position)
+    source = train if train is not None else stream.cycle_on(batches or [], accelerator.device)
     samples_log = run_dir / f"samples-rank{accelerator.process_index}.jsonl" if cfg.data.log_samples else None
     if samples_log is not None:
         truncate_log(samples_log, state.step)
@@ -214,7 +201,7 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
             paused = False
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or state.step == cfg.steps or stopping:
                 paused = True
-                state.positions = stream.gather_positions(accelerator) if stream is not None else None
+                state.positions = train.gather_positions(accelerator) if train is not None else None
                 ckpt.save_checkpoint(accelerator, run_dir, state)
             if stopping:
                 break
@@ -222,15 +209,15 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
             # --- probe: frozen-feature kNN / linear scores on the val split.
             if (cfg.probe_every and state.step % cfg.probe_every == 0) or state.step == cfg.steps:
                 paused = True
-                probe = run_probe(accelerator, unwrapped.encoder, cfg, vocab, state.step)
+                probe = run_probe(accelerator, unwrapped.encoder, cfg, shards, state.step)
                 if main:
                     summary.setdefault("probes", []).append(probe)
-                    write_summary(run_dir, cfg, manifest, state, summary, probe)
+                    write_summary(run_dir, cfg, shards.manifest, state, summary, probe)
                 accelerator.log({f"probe/{k}": v for k, v in probe.items() if "/" in k}, step=state.step)
             if paused and tick_step == state.step:
                 tick = time.perf_counter()  # images/s measures training, not checkpoints and probes
     if main:
-        write_summary(run_dir, cfg, manifest, state, summary, probe)
+        write_summary(run_dir, cfg, shards.manifest, state, summary, probe)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: last
     # Any process may have received the signal; the all-reduced flag stopped them all.
@@ -244,8 +231,7 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
 
 
 def check_data(cfg: PretrainConfig, manifest: dict[str, Any]) -> None:
-    """Refuse shards whose intensity convention, size or channel count does not fit the run."""
-    intensity.check_convention(str(manifest.get("intensity_convention")), f"shards {cfg.data.shards}")
+    """Refuse shards whose size or channel count does not fit the run (ShardSet.open checked the convention)."""
     size = int(manifest.get("size", 0))
     if cfg.data.image_size > size:
         raise ConfigError(
@@ -255,7 +241,7 @@ def check_data(cfg: PretrainConfig, manifest: dict[str, Any]) -> None:
     if int(cfg.encoder.options.get("in_chans", 1)) != 1:
         raise ConfigError("the shards hold one-channel radiographs; remove encoder.options.in_chans")
     if "vocab" not in manifest:
-        raise ShardError(f"{cfg.data.shards}/manifest.json has no vocab; re-shard with this version of radpretrain")
+        raise ShardError(f"{cfg.data.shards}/{MANIFEST} has no vocab; re-shard with this version of radpretrain")
 
 
 def check_encoder(encoder: nn.Module, cfg: PretrainConfig) -> None:
@@ -279,15 +265,15 @@ def check_resume(cfg: PretrainConfig, run_dir: Path) -> None:
 
     saved = to_dict(load_config(PretrainConfig, run_dir / ckpt.CONFIG_FILE))
     now = to_dict(cfg)
-    for key in RESUME_FIXED:
-        old, new = saved, now
-        for part in key.split("."):
-            old, new = old[part], new[part]
-        if old != new:
-            raise ConfigError(
-                f"cannot resume {run_dir}: {key} was {old!r} and is now {new!r}; use the run's own config "
-                f"({run_dir / ckpt.CONFIG_FILE}) or start a new run in another out folder"
-            )
+    # `keep`: encoder, tasks and task_options are compared whole, as the settings they are.
+    changed = files.changed_settings(saved, now, keys=RESUME_FIXED, keep=RESUME_FIXED)
+    if changed:
+        key = changed[0].split(": ", 1)[0]
+        old, new = (files.flatten(settings, keep=RESUME_FIXED)[key] for settings in (saved, now))
+        raise ConfigError(
+            f"cannot resume {run_dir}: {key} was {old!r} and is now {new!r}; use the run's own config "
+            f"({run_dir / ckpt.CONFIG_FILE}) or start a new run in another out folder"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -320,182 +306,28 @@ def learning_rate(step: int, cfg: PretrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Data: a seeded, resumable stream of batches for this process.
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (numpy SeedSequence mixes them well)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-class RngScope:
-    """Private python/numpy/torch RNG states for data work in this process (when workers=0).
-
-    Augmentation draws then neither shift the training RNG nor depend on it, so a resumed run, which
-    replays the data of the current epoch without training on it, sees the same batches.
-    """
-
-    def __init__(self, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.state = (random.Random(seed).getstate(), np.random.RandomState(seed % 2**32).get_state(), gen.get_state())
-        self.outer: tuple[Any, Any, torch.Tensor] | None = None
-
-    def __enter__(self) -> RngScope:
-        self.outer = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        self._set(self.state)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        assert self.outer is not None
-        self._set(self.outer)
-
-    @staticmethod
-    def _set(state: tuple[Any, Any, torch.Tensor]) -> None:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-
-
-class BatchStream(Iterator[dict[str, torch.Tensor]]):
-    """Endless batches of this process's train shards, one seeded epoch after another.
-
-    Epoch `e` shuffles with seeds derived from (seed, e, rank), so the position {"epoch", "batches"}
-    fixes everything that follows; resuming reopens the epoch and skips the consumed batches.
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        make_sample_fn: Callable[[int], Callable[[dict], Any]],
-        cfg: PretrainConfig,
-        rank: int,
-        device: torch.device,
-        position: dict[str, int] | None = None,
-    ) -> None:
-        self.urls, self.make_sample_fn, self.cfg, self.rank, self.device = urls, make_sample_fn, cfg, rank, device
-        self.epoch = position["epoch"] if position else 0
-        self.batches = position["batches"] if position else 0
-        self._it: Iterator[Any] | None = None
-        self._rng = RngScope(0)
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches}
-
-    def gather_positions(self, accelerator: Any) -> list[dict[str, int]]:
-        from accelerate.utils import gather_object
-
-        return gather_object([self.position()]) if accelerator.num_processes > 1 else [self.position()]
-
-    def _open(self) -> None:
-        from torch.utils.data import DataLoader
-        from tqdm.auto import tqdm
-
-        from radpretrain.shards.reader import build_pipeline
-
-        self._rng = RngScope(derive_seed(self.cfg.seed, self.epoch, self.rank, 1))
-        with self._rng:
-            pipeline = build_pipeline(
-                self.urls,
-                shuffle=self.cfg.data.shuffle,
-                seed=derive_seed(self.cfg.seed, self.epoch),
-                map_fn=self.make_sample_fn(derive_seed(self.cfg.seed, self.epoch, 4)),
-            )
-            loader = DataLoader(
-                pipeline,
-                batch_size=self.cfg.data.batch_size,
-                num_workers=self.cfg.data.workers,
-                drop_last=True,  # equal batches on every process; NT-Xent negatives stay comparable
-                pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.epoch, self.rank, 2)),
-                persistent_workers=False,
-            )
-            self._it = iter(loader)
-            if self.batches:
-                log.info("data: replaying %d batches of epoch %d to reach the saved position", self.batches, self.epoch)
-            for _ in tqdm(range(self.batches), desc="data: replaying", disable=self.rank != 0, leave=False):
-                next(self._it)
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        while True:
-            if self._it is None:
-                self._open()
-            assert self._it is not None
-            try:
-                with self._rng:
-                    batch = next(self._it)
-                break
-            except StopIteration:
-                if self.batches == 0:
-                    raise ShardError(
-                        f"process {self.rank} read no complete batch of {self.cfg.data.batch_size} from its train "
-                        "shards; lower data.batch_size or add data"
-                    ) from None
-                self.epoch, self.batches, self._it = self.epoch + 1, 0, None
-        self.batches += 1
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def with_key(sample_fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
-    """Carry each sample's key (an HMAC pseudonym) into the batch, for `data.log_samples`."""
-
-    def add_key(sample: dict) -> Any:
-        return {**sample_fn(sample), "key": sample["key"]}
-
-    return add_key
-
-
-def cycle_on(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
-    """Given batches, endlessly, moved to the device once each (they are usually few and in memory)."""
-    on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-    if not on_device:
-        raise ConfigError("the batches given to pretrain() are empty")
-    while True:
-        yield from on_device
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # Probes, logs and summary.
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def run_probe(
-    accelerator: Any, encoder: nn.Module, cfg: PretrainConfig, vocab: dict[str, list[str]], step: int
+    accelerator: Any, encoder: nn.Module, cfg: PretrainConfig, shards: ShardSet, step: int
 ) -> dict[str, float]:
     """kNN and linear probe scores of `encoder` (whole images at the stored window); every process calls it."""
-    from torch.utils.data import DataLoader
-
-    from radpretrain.data.transforms import AugmentConfig, ViewsConfig, build_sample_fn
     from radpretrain.pretrain.monitor import run_probes
-    from radpretrain.shards.format import ShardSet
-    from radpretrain.shards.reader import build_pipeline
 
-    assert cfg.data.shards is not None
-    evaluation = ViewsConfig(plain=AugmentConfig.evaluation())  # deterministic: whole image, stored window
-
-    def make_batches(split: str) -> Any:
-        # Unshuffled: the sharder already shuffled globally, and a fixed sample makes probes comparable.
-        pipeline = build_pipeline(
-            ShardSet.open(cfg.data.shards).urls(split),  # type: ignore[arg-type]
-            shuffle=0,
-            seed=0,
-            map_fn=build_sample_fn(("plain",), evaluation, vocab, cfg.data.image_size),
-        )
-        workers = min(cfg.data.workers, 2)
-        return DataLoader(pipeline, batch_size=cfg.probe.batch_size, num_workers=workers, generator=torch.Generator())
-
-    with RngScope(derive_seed(cfg.seed, step, 3)):
+    vocab = shards.vocab
+    with stream.RngScope(stream.derive_seed(cfg.seed, step, 3)):
         scores = run_probes(
             accelerator,
             encoder,
-            make_batches,
+            lambda split: stream.probe_batches(shards, split, cfg, vocab),
             vocab,
             labels=cfg.probe.labels,
             train_samples=cfg.probe.train_samples,
             val_samples=cfg.probe.val_samples,
             k=cfg.probe.k,
-            image_key="plain",
+            image_key=stream.PROBE_VIEW,
         )
     scores["step"] = step
     if accelerator.is_main_process:
@@ -514,7 +346,7 @@ def truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -546,10 +378,7 @@ def write_summary(
     )
     if probe:
         summary["probe"] = probe
-    path = run_dir / ckpt.SUMMARY_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(path)
+    files.write_text(run_dir / ckpt.SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
 
 
 def data_summary(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -5,21 +5,28 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import random
 import re
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from radpretrain import intensity
-from radpretrain.errors import ShardError
+from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import codecs
 
 log = logging.getLogger(__name__)
 
 #: Why a record without an image (png or b2nd) and a json member is dropped.
 FOREIGN = "not a radpretrain sample"
+
+#: The longest Unix socket path (sun_path less its closing NUL): 108 bytes on Linux, 104 on macOS and the BSDs.
+SOCKET_PATH_MAX = (108 if sys.platform.startswith("linux") else 104) - 1
+#: What multiprocessing adds to its base folder for a socket: `/pymp-XXXXXXXX` once, `/listener-XXXXXXXX` each.
+_PYMP, _LISTENER = len("/pymp-12345678"), len("/listener-12345678")
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +74,36 @@ def _shard_name(values: Iterable[Any]) -> str | None:
         if match:
             return match.group(1)  # the name only: the folder is the user's and says nothing useful here
     return None
+
+
+def prepare_worker_sockets() -> None:
+    """Give forked DataLoader workers a socket folder short enough to hand their batches to this process.
+
+    A worker passes each batch's tensors as file descriptors over a Unix socket in multiprocessing's temp
+    folder, made under TMPDIR on first use. Under a TMPDIR too long for a socket path, binding fails in the
+    worker's queue thread, which prints the error and drops the batch: the main process then waits for it
+    forever, and an error that another worker queued behind it never arrives. Call this before a DataLoader
+    with workers starts; as Python 3.13's multiprocessing does, the folder then goes to /tmp instead.
+    """
+    import multiprocessing.util
+    import tempfile
+
+    base = tempfile.gettempdir()
+    if len(base) + _PYMP + _LISTENER > SOCKET_PATH_MAX:
+        short = next((d for d in ("/tmp", "/var/tmp", "/usr/tmp") if os.path.isdir(d) and os.access(d, os.W_OK)), base)
+        saved, tempfile.tempdir = tempfile.tempdir, short
+        try:
+            folder = multiprocessing.util.get_temp_dir()  # made once per process, kept by forked workers
+        finally:
+            tempfile.tempdir = saved
+    else:
+        folder = multiprocessing.util.get_temp_dir()
+    if len(folder) + _LISTENER > SOCKET_PATH_MAX:
+        raise ConfigError(
+            f"the temp folder {folder} is too long for the sockets that loader workers hand batches over "
+            f"({len(folder) + _LISTENER} > {SOCKET_PATH_MAX} characters); set TMPDIR to a shorter folder or "
+            "use data.workers=0"
+        )
 
 
 def _worker_info() -> tuple[int, int, int, int]:

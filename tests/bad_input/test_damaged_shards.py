@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from radpretrain.pretrain.checkpoint import CHECKPOINT, SUMMARY_FILE
+from radpretrain.shards.reader import SOCKET_PATH_MAX
 
-from .helpers import Sandbox, refused, run_main
+from .helpers import Sandbox, process_error, refused, run_main, run_process
 
 
 def _train_tars(shards: Path) -> list[Path]:
@@ -98,6 +100,28 @@ def test_a_loader_worker_whose_shards_are_all_bad_fails_in_one_line(
     names = ", ".join(t.name for t in bad[:5])
     assert message.startswith(f"no sample could be read from {names} (")
     assert "DataLoader" not in message
+
+
+def test_the_bad_worker_fails_in_one_line_under_a_tmpdir_too_long_for_sockets(
+    sandbox: Sandbox, shards_copy: Path, tiny_run: Callable[..., list[str]]
+) -> None:
+    # Loader workers hand their batches over through Unix sockets in multiprocessing's folder under TMPDIR. A
+    # TMPDIR this long (an xdist worker's tmp_path is) made the good worker's batch vanish in its queue thread:
+    # the main process waited for it forever and never reached the error of the bad worker behind it. A fresh
+    # process, so no socket folder made earlier (under a shorter TMPDIR) hides the fault.
+    long_tmp = sandbox.tmp / ("t" * max(1, SOCKET_PATH_MAX - len(str(sandbox.tmp))))
+    long_tmp.mkdir()
+    box = dataclasses.replace(sandbox, env={**sandbox.env, "TMPDIR": str(long_tmp)})
+    tars = _train_tars(shards_copy)
+    bad = tars[1::2]
+    for tar in bad:
+        _foreign(tar)
+    run = sandbox.root / "run"
+    done = run_process(box, *tiny_run(run, "steps=4", "data.workers=2", shards=shards_copy), timeout=240)
+    message = process_error(done)
+    assert done.returncode == 2
+    assert message.startswith(f"no sample could be read from {', '.join(t.name for t in bad[:5])} (")
+    assert "AF_UNIX" not in done.stderr
 
 
 def test_inspect_reports_a_shard_folder_of_foreign_tars(

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from radpretrain.pretrain.checkpoint import STATE_FILE, find_checkpoint
+from radpretrain.files import temp_path
+from radpretrain.pretrain.checkpoint import CHECKPOINT, STATE_FILE, find_checkpoint
 from radpretrain.pretrain.config import PretrainConfig
 from radpretrain.pretrain.loop import pretrain
 
@@ -65,7 +66,9 @@ def test_resumed_run_repeats_the_uninterrupted_run(make_config: MakeConfig, tmp_
 
 def test_find_checkpoint_survives_a_crash_between_renames(tmp_path: Path) -> None:
     assert find_checkpoint(tmp_path) is None
-    (tmp_path / "checkpoint.partial").mkdir()  # a save that was killed: never used
+    killed = temp_path(tmp_path / CHECKPOINT)  # a save that was killed: never used
+    killed.mkdir()
+    (killed / STATE_FILE).write_text('{"step": 12}')
     assert find_checkpoint(tmp_path) is None
     old = tmp_path / "checkpoint.old"
     old.mkdir()
