@@ -77,9 +77,11 @@ def embed_shards(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from radpretrain.shards.reader import build_pipeline
+    from radpretrain.shards.reader import build_pipeline, prepare_worker_sockets
 
     pipeline = build_pipeline(urls, shuffle=0, seed=0, map_fn=EmbedSample(image_size))
+    if workers > 0:
+        prepare_worker_sockets()
     loader = DataLoader(pipeline, batch_size=batch_size, num_workers=workers, generator=torch.Generator())
     rows: dict[str, list[Any]] = {name: [] for name in COLUMNS if name != "embedding"}
     chunks: list[np.ndarray] = []

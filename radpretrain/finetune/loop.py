@@ -105,6 +105,8 @@ def fit(
     from torch.utils.data import DataLoader, RandomSampler
     from tqdm.auto import tqdm
 
+    from radpretrain.shards.reader import prepare_worker_sockets
+
     model, strategy = built.model, built.strategy
     loss_fn = make_loss(task, cfg)
     # Batch norm needs two samples per batch; a one-case training set is drawn twice (augmented apart).
@@ -120,6 +122,8 @@ def fit(
         last_phase = index == len(phases) - 1
         params = set_trainable(model, phase.frozen)
         optimiser = torch.optim.Adam(params, lr=cfg.optim.lr * phase.lr_scale, weight_decay=cfg.optim.weight_decay)
+        if cfg.workers > 0:
+            prepare_worker_sockets()
         loader = DataLoader(
             train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=cfg.workers
         )
