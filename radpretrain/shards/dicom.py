@@ -21,8 +21,8 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.pixels.processing import apply_voi
+from pydicom.pixels.utils import get_j2k_parameters
 
 from radpretrain.errors import DicomError
 
@@ -394,7 +394,8 @@ def _j2k_at_level(frame: bytes, rows: int, cols: int, level: int) -> np.ndarray 
     with Image.open(io.BytesIO(frame)) as image:
         if image.size != (cols, rows) or image.mode not in ("L", "I;16"):
             return None
-        image.reduce = level  # Pillow's JPEG 2000 plugin passes this to OpenJPEG as the resolution to discard
+        # Pillow's JPEG 2000 plugin passes `reduce` to OpenJPEG as the number of resolutions to discard.
+        image.reduce = level  # type: ignore[method-assign, assignment]
         image.load()
         arr = np.array(image)
     if arr.shape != (rows >> level, cols >> level):

@@ -101,9 +101,7 @@ class FileOutcome:
     decode_path: str = ""
 
 
-def process_file(
-    file: str, relpath: str, row: dict[str, Any], split: str, settings: WriterSettings
-) -> FileOutcome:
+def process_file(file: str, relpath: str, row: dict[str, Any], split: str, settings: WriterSettings) -> FileOutcome:
     """Decode and encode one file; every failure becomes an outcome (record-and-continue), never an exception."""
     try:
         samples, decode_path = file_samples(Path(settings.src) / relpath, row, split, settings)
