@@ -347,9 +347,7 @@ def reduced_level(rows: int, cols: int, size: int, *, backoff: int = 0, most: in
     return max(level - backoff, 0)
 
 
-def reduced_decode(
-    ds: Dataset, tsyntax: uid.UID, size: int, *, backoff: int = J2K_BACKOFF
-) -> tuple[np.ndarray, str] | None:
+def reduced_decode(ds: Dataset, tsyntax: uid.UID, size: int) -> tuple[np.ndarray, str] | None:
     """The stored values of a single-frame image at the reduced resolution its codec offers, and the decode
     path; None when it must be decoded in full (another codec, signed or non-linear-LUT pixels, no level to
     gain, or anything Pillow cannot decode: the full decode then runs exactly as before).
@@ -361,7 +359,7 @@ def reduced_decode(
         return None  # signed codestreams and non-linear LUTs do not commute with averaging: decode in full
     rows, cols = int(ds.Rows), int(ds.Columns)
     if tsyntax in J2K_REDUCIBLE:
-        level = reduced_level(rows, cols, size, backoff=backoff)
+        level = reduced_level(rows, cols, size, backoff=J2K_BACKOFF)
     elif tsyntax == uid.JPEGBaseline8Bit and ds.BitsAllocated == 8:
         level = reduced_level(rows, cols, size, most=JPEG_MAX_LEVEL)
     else:
