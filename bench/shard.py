@@ -2,6 +2,7 @@
 
     python bench/shard.py            # 1,000-file throughput archive (2500 x 2000, 12-bit), memory at 1,000 vs 10,000
     python bench/shard.py --quick    # 100-file archive, memory at 100 vs 1,000 files: a few minutes
+    python bench/shard.py --sections codecs   # only the compressed archive (6 codecs x 170 files of 2500 x 2000)
 
 What is compared, all on the same synthetic radiographs (`radpretrain.synth.archive.generate`):
 - shard: `radpretrain.shards.run.shard` (what `radpretrain shard` calls: index, plan, decode, resize, PNG,
@@ -11,6 +12,11 @@ What is compared, all on the same synthetic radiographs (`radpretrain.synth.arch
   16-bit PNG at level 1 with libpng's adaptive filters (what the floor was before two-step resizing and the
   RLE + "up" filter PNG settings);
 - naive: pydicom dcmread + apply_voi_lut + PIL LANCZOS resize + PIL PNG save, the usual tutorial code.
+- codecs: a compressed archive of the same radiographs (2500 x 2000, 12-bit; baseline JPEG 8-bit) in six
+  transfer syntaxes: J2K lossless, JPEG-LS, JPEG lossless SV1 (GDCM), RLE, baseline 8-bit JPEG (Pillow, q90),
+  deflate. Per codec: the shard (1 worker), the full-decode floor (the floor above), the reduced-decode floor
+  (`read_dicom_for` at the stored size, what the shard does by default) and the naive loop; then the whole mix
+  sharded with 1 and 2 workers at the default 1,000 files per shard (3 units: train, val, test).
 The loops run with the writer's malloc settings (`shards.pool.reuse_large_buffers`), as its workers do.
 The shard runs (1 and 2 workers) and the floor run twice, alternating; the faster of each is reported.
 "Per core" is files per CPU-second, so it means the same whether a process used one thread or several.
@@ -44,6 +50,20 @@ TARGET_PER_CORE = 50.0  # files/s per core
 TARGET_FLOOR_RATIO = 1.25  # shard time per file / floor time per file
 TARGET_SCALING = 1.7  # 2 workers / 1 worker, wall clock
 TARGET_MEMORY_GROWTH = 1.15  # peak RSS at the big archive / at the small one
+TARGET_J2K_VS_FULL = 5.0  # J2K shard files/s per core / J2K full-decode floor files/s per core
+TARGET_MIX_VS_REDUCED = 1.15  # mix shard CPU per file / reduced-decode floor CPU per file
+TARGET_BUSY_CORES = 1.8  # CPU seconds per wall second of the 2-worker mix run
+TARGET_MIX_SCALING = 1.8  # 2 workers / 1 worker on the mix, wall clock
+
+#: The compressed archive: (label, syntax synth writes, BitsStored, syntax `synth.archive.transcode` makes of it).
+CODECS: tuple[tuple[str, str, int, str | None], ...] = (
+    ("J2K lossless", "JPEG2000Lossless", 12, None),
+    ("JPEG-LS lossless", "JPEGLSLossless", 12, None),
+    ("JPEG lossless SV1", "ExplicitVRLittleEndian", 12, "JPEGLosslessSV1"),
+    ("RLE", "RLELossless", 12, None),
+    ("JPEG baseline 8-bit", "ExplicitVRLittleEndian", 8, "JPEGBaseline8Bit"),
+    ("deflate", "DeflatedExplicitVRLittleEndian", 12, None),
+)
 
 
 @dataclass
@@ -72,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
-        report(measure(args, workdir), args, cores, load)
+        if "uncompressed" in args.sections:
+            report(measure(args, workdir), args, cores, load)
+        if "codecs" in args.sections:
+            report_codecs(measure_codecs(args, workdir), args, cores, os.getloadavg()[0])
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -95,6 +118,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="where archives and shards go (a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (archives are then reused)")
     parser.add_argument("--quick", action="store_true", help="100-file archive, memory at 100 vs 1,000 files")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=("uncompressed", "codecs"),
+        default=["uncompressed", "codecs"],
+        help="what to measure: the uncompressed archive, the compressed one (both)",
+    )
+    parser.add_argument("--codec-files", type=int, help="files per codec in the compressed archive (170)")
+    parser.add_argument("--codec-shape", type=shape, help="compressed archive images, ROWSxCOLS (2500x2000)")
+    parser.add_argument("--codec-loop-files", type=int, help="files per codec timed in the floor loops (20)")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)  # SRC OUT KEY PRIVATE WORKERS CONFIG_JSON
     args = parser.parse_args(argv)
     quick = args.quick
@@ -102,6 +135,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_shape = args.memory_shape or ((500, 400) if quick else (1000, 800))
     args.loop_files = args.loop_files or (40 if quick else 200)
     args.shard_size = args.shard_size or max(1, args.files[0] // 10)
+    args.codec_files = args.codec_files or (4 if quick else 170)
+    args.codec_shape = args.codec_shape or ((1000, 800) if quick else (2500, 2000))
+    args.codec_loop_files = min(args.codec_loop_files or (2 if quick else 20), args.codec_files)
     return args
 
 
@@ -186,8 +222,18 @@ def radiographs(root: Path) -> list[Path]:
     return sorted(SynthSummary.load(root).radiographs)
 
 
-def run_shard(archive: Path, workdir: Path, workers: int, args: argparse.Namespace) -> Run:
-    """The real writer in a child process: wall, CPU (rusage of the finished tree) and polled tree RSS."""
+def run_shard(
+    archive: Path,
+    workdir: Path,
+    workers: int,
+    args: argparse.Namespace,
+    config: dict[str, object] | None = None,
+    expected: int | None = None,
+) -> Run:
+    """The real writer in a child process: wall, CPU (rusage of the finished tree) and polled tree RSS.
+
+    `config`: ShardConfig fields (size and shard size from `args`); `expected`: files it must write (the
+    archive's radiographs by default)."""
     import psutil
 
     from radpretrain import synth
@@ -197,9 +243,9 @@ def run_shard(archive: Path, workdir: Path, workers: int, args: argparse.Namespa
     private = workdir / f"private-{archive.name}-w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(private, ignore_errors=True)
-    config = json.dumps({"size": args.size, "shard_size": args.shard_size})
+    settings = json.dumps(config or {"size": args.size, "shard_size": args.shard_size})
     command = [sys.executable, __file__, "--child", str(archive), str(out), str(workdir / "key")]
-    command += [str(private), str(workers), config]
+    command += [str(private), str(workers), settings]
     print(f"shard: {archive.name} with {workers} worker(s) ...", flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -215,7 +261,8 @@ def run_shard(archive: Path, workdir: Path, workers: int, args: argparse.Namespa
         sys.exit(f"bench/shard.py: the shard run failed (exit {child.returncode})")
     summary = json.loads(stdout.strip().splitlines()[-1])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    expected = synth.SynthSummary.load(archive).counts.get("radiograph", 0)
+    if expected is None:
+        expected = synth.SynthSummary.load(archive).counts.get("radiograph", 0)
     if summary["written"] != expected:
         sys.exit(f"bench/shard.py: the shard run wrote {summary['written']} files, expected {expected}")
     shutil.rmtree(out, ignore_errors=True)
@@ -294,6 +341,17 @@ def floor_one(path: Path, size: int) -> None:
         FLOOR_STAGES["stored_pixels + encode_png"] += decoded - resized
 
 
+def reduced_one(path: Path, size: int) -> None:
+    """The floor with the shard's default decode: at the resolution stored where the codec allows it."""
+    from radpretrain.shards.codecs import encode_png
+    from radpretrain.shards.dicom import read_dicom_for, resize_longest
+    from radpretrain.shards.sample import stored_pixels
+
+    decoded = read_dicom_for(path, size)
+    for frame in decoded.frames:
+        encode_png(stored_pixels(resize_longest(frame, size, shape=decoded.shape))[0])
+
+
 def one_step_one(path: Path, size: int) -> None:
     """The floor with one INTER_AREA call and level-1 PNG with libpng's adaptive filters."""
     import cv2
@@ -324,6 +382,140 @@ def naive_one(path: Path, size: int) -> None:
     scale = size / max(image.size)
     image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.Resampling.LANCZOS)
     image.save(io.BytesIO(), "PNG")
+
+
+# The compressed archive.
+
+
+@dataclass
+class CodecResult:
+    """One codec's files and runs: the shard (1 worker) and the three loops."""
+
+    label: str
+    files: int
+    shard: Run
+    full: Run
+    reduced: Run
+    naive: Run
+
+
+def synthesize_codecs(workdir: Path, args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]]]:
+    """One folder per codec under `codecs/`; radiographs a codec cannot hold (signed pixels for baseline JPEG)
+    are removed, so every file left is in its codec."""
+    from radpretrain import synth
+    from radpretrain.errors import ConfigError
+    from radpretrain.synth.archive import SynthSummary, transcode
+
+    root = workdir / f"codecs-{args.codec_files}-{args.codec_shape[0]}x{args.codec_shape[1]}"
+    found: dict[str, list[Path]] = {}
+    for number, (label, syntax, bits, target) in enumerate(CODECS):
+        folder = root / label.replace(" ", "-")
+        done = folder / "bench-files.json"
+        if done.exists():
+            found[label] = [folder / name for name in json.loads(done.read_text())]
+            continue
+        print(f"synthesizing {args.codec_files} files of {label} ...", flush=True)
+        synth.generate(
+            folder,
+            args.codec_files,
+            seed=100 + number,
+            shape=args.codec_shape,
+            bits_stored=bits,
+            syntaxes=[syntax],
+            workers=len(os.sched_getaffinity(0)),
+            progress=True,
+            overwrite=True,
+        )
+        kept = []
+        for path in sorted(SynthSummary.load(folder).radiographs):
+            if target is not None:
+                try:
+                    transcode(path, path, target)
+                except ConfigError:  # signed pixels: baseline JPEG holds unsigned samples only
+                    path.unlink()
+                    continue
+            kept.append(path)
+        done.write_text(json.dumps([str(p.relative_to(folder)) for p in kept]))
+        found[label] = kept
+    return root, found
+
+
+def measure_codecs(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    root, found = synthesize_codecs(workdir, args)
+    size = args.size
+    per_codec = []
+    for label, paths in found.items():
+        folder = root / label.replace(" ", "-")
+        loop = paths[: args.codec_loop_files]
+        per_codec.append(
+            CodecResult(
+                label=label,
+                files=len(paths),
+                shard=run_shard(folder, workdir, 1, args, {"size": size}, expected=len(paths)),
+                full=timed_loop(floor_one, loop, size),
+                reduced=timed_loop(reduced_one, loop, size),
+                naive=timed_loop(naive_one, loop, size),
+            )
+        )
+    total = sum(len(paths) for paths in found.values())
+    # The mix at the default 1,000 files per shard: 3 units (train, val, test), the case where whole-unit
+    # scheduling kept 2 workers at 1.1 cores.
+    mix1 = run_shard(root, workdir, 1, args, {"size": size}, expected=total)
+    mix2 = run_shard(root, workdir, 2, args, {"size": size}, expected=total)
+    return {"codecs": per_codec, "mix1": mix1, "mix2": mix2, "files": total}
+
+
+def report_codecs(results: dict[str, object], args: argparse.Namespace, cores: int, load: float) -> None:
+    codecs: list[CodecResult] = results["codecs"]  # type: ignore[assignment]
+    mix1: Run = results["mix1"]  # type: ignore[assignment]
+    mix2: Run = results["mix2"]  # type: ignore[assignment]
+    total = sum(c.files for c in codecs)
+
+    def mix_floor(kind: str) -> float:  # CPU seconds per file of a loop over the mix, weighted by file counts
+        return sum(c.files * getattr(c, kind).cpu / getattr(c, kind).files for c in codecs) / total
+
+    def verdict(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    rows, cols = args.codec_shape
+    lines = [
+        "",
+        f"Compressed archive: {total} synthetic {rows}x{cols} radiographs ({args.codec_files} per codec, 12-bit; "
+        f"baseline JPEG 8-bit) -> {args.size} px 16-bit PNG shards; {cores} cores, load average {load:.1f}. "
+        f"Floor and naive loops: {args.codec_loop_files} files per codec. Files/s per core = files per CPU-second.",
+        "",
+        "| codec | files | shard (1 worker) | full-decode floor | reduced-decode floor | naive | shard / full floor "
+        "| shard time / reduced floor time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in codecs:
+        lines.append(
+            f"| {c.label} | {c.files} | {c.shard.per_cpu_second:.1f} | {c.full.per_cpu_second:.1f} "
+            f"| {c.reduced.per_cpu_second:.1f} | {c.naive.per_cpu_second:.1f} "
+            f"| {c.shard.per_cpu_second / c.full.per_cpu_second:.2f}x "
+            f"| {c.reduced.per_cpu_second / c.shard.per_cpu_second:.2f} |"
+        )
+    j2k = next(c for c in codecs if c.label.startswith("J2K"))
+    j2k_ratio = j2k.shard.per_cpu_second / j2k.full.per_cpu_second
+    mix_ratio = (mix1.cpu / mix1.files) / mix_floor("reduced")
+    busy = mix2.cpu / mix2.wall
+    scaling = mix2.per_second / mix1.per_second
+    lines += [
+        "",
+        "| target | measured | target | met |",
+        "|---|---|---|---|",
+        f"| J2K shard / J2K full-decode floor (files/s per core) | {j2k_ratio:.2f}x | >= {TARGET_J2K_VS_FULL:.0f}x "
+        f"| {verdict(j2k_ratio >= TARGET_J2K_VS_FULL)} |",
+        f"| mix shard, 1 worker: CPU per file / reduced-decode floor's | {mix_ratio:.2f} "
+        f"({1 / (mix1.cpu / mix1.files):.1f} vs {1 / mix_floor('reduced'):.1f} files/s per core; full-decode floor "
+        f"{1 / mix_floor('full'):.1f}) | <= {TARGET_MIX_VS_REDUCED} | {verdict(mix_ratio <= TARGET_MIX_VS_REDUCED)} |",
+        f"| mix, 2 workers: cores busy (CPU s / wall s) | {busy:.2f} | >= {TARGET_BUSY_CORES} "
+        f"| {verdict(busy >= TARGET_BUSY_CORES)} |",
+        f"| mix, 2 workers / 1 worker (wall files/s) | {scaling:.2f} ({mix2.per_second:.1f} vs {mix1.per_second:.1f}) "
+        f"| >= {TARGET_MIX_SCALING} | {verdict(scaling >= TARGET_MIX_SCALING)} |",
+        f"| peak RSS, mix, 1 / 2 workers | {mix1.peak_rss / 2**20:.0f} / {mix2.peak_rss / 2**20:.0f} MiB | | |",
+    ]
+    print("\n".join(lines))
 
 
 # The table.

@@ -282,6 +282,12 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         "(blosc2: ~10x faster to decode, the same size on noisy images, larger on smooth ones)",
     )
     parser.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="decode JPEG 2000 and JPEG images in full before resizing (exact, several times slower) instead of "
+        "at the resolution stored (their wavelet levels / DCT scaling; within a few per mille of the window)",
+    )
+    parser.add_argument(
         "--part",
         default=None,
         metavar="i/N",
@@ -309,6 +315,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "frames": args.frames,
             "codec": args.codec,
+            "exact_decode": args.exact_decode,
             "index": to_dict(_index_options(args)),
         },
     )

@@ -18,7 +18,8 @@ STORAGE = (
     "pixels (a 'png' or 'b2nd' member, manifest 'codec'): 16-bit grayscale, modality-LUT output after "
     "MONOCHROME1 inversion (higher = more attenuation) "
     "minus json 'offset', resized with area interpolation (cv2 INTER_AREA, in two steps for factors of 4 or more) "
-    "so the longest side is at most 'size'; window_center, "
+    "so the longest side is at most 'size' (JPEG 2000 / JPEG images decoded at a reduced resolution first unless "
+    "'decode' says exact: see 'decode'); window_center, "
     "window_width, intensity_low and intensity_high are in stored units; windowing happens when reading."
 )
 
@@ -50,6 +51,7 @@ def write_manifest(out: Path, plan: Plan, config: ShardConfig) -> dict[str, Any]
     composition: dict[str, Counter[str]] = {name: Counter() for name in COMPOSITION_FIELDS}
     by_split: dict[str, dict[str, Counter[str]]] = {s: {name: Counter() for name in COMPOSITION_FIELDS} for s in SPLITS}
     shard_bytes: dict[str, int] = {}
+    decode_paths: Counter[str] = Counter()
     written_files = samples = 0
     for unit in plan.units:
         stats = read_stats(out, unit.name)
@@ -59,6 +61,7 @@ def write_manifest(out: Path, plan: Plan, config: ShardConfig) -> dict[str, Any]
         failed.update(stats["failed"])
         errors.extend(stats["errors"])
         written_files += stats["files_written"]
+        decode_paths.update(stats.get("decode", {}))
         samples += stats["samples"]
         entry = splits[unit.split]
         entry["samples"] += stats["samples"]
@@ -88,6 +91,7 @@ def write_manifest(out: Path, plan: Plan, config: ShardConfig) -> dict[str, Any]
         "codec": config.codec,
         "size": config.size,
         "frame_rule": config.frames,
+        "decode": {"exact": config.exact_decode, "files": dict(sorted(decode_paths.items()))},
         "plan": plan.fingerprint,
         "config": plan.config,
         "counts": counts,

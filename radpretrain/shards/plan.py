@@ -33,6 +33,9 @@ class ShardConfig:
     #: How pixels are stored (`shards.codecs`): "png" (portable, smallest on smooth images) or "blosc2"
     #: (about 10x faster to decode, for CPU-bound training).
     codec: Literal["png", "blosc2"] = "png"
+    #: Decode every image in full, as before reduced-resolution decoding (JPEG 2000 levels, JPEG DCT scaling:
+    #: `dicom.read_dicom_for`); the pixels then match full decode + area resize exactly.
+    exact_decode: bool = False
     index: IndexOptions = field(default_factory=IndexOptions)
 
     def validate(self) -> None:

@@ -15,11 +15,12 @@ import multiprocessing
 import queue
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from radpretrain.errors import ShardError
 from radpretrain.shards.sample import WriterSettings
-from radpretrain.shards.writer import UnitTask, write_unit
+from radpretrain.shards.writer import FileOutcome, UnitSink, UnitTask, process_files, write_unit
 
 #: glibc malloc settings for processes that decode pixels (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). By
 #: default a freed 10 MB pixel buffer goes back to the kernel and the next file's buffers are page-faulted in
@@ -102,8 +103,28 @@ class WorkerPool:
             update(count)
 
 
-def _write_unit_in_worker(task: UnitTask, settings: WriterSettings) -> dict[str, Any]:
-    return write_unit(task, settings, progress=report)
+#: Files per work item of the write pass. Units are split into chunks so that every worker stays busy while
+#: files remain (a whole unit per worker left one worker decoding the last 1,000-file shard alone); a chunk is
+#: small enough that the last ones end together, large enough that scheduling costs nothing (a 2500 x 2000
+#: file takes 10-250 ms).
+CHUNK_FILES = 8
+
+#: Chunks handed out but not yet appended to their tar, per worker: enough to keep each worker fed while the
+#: parent writes, few enough that memory stays flat (each chunk holds its encoded samples, ~2 MB at 512 px).
+CHUNKS_AHEAD = 3
+
+
+@dataclass
+class _Chunk:
+    unit: int  # index into the task list
+    number: int  # position within the unit
+    files: list[tuple[str, str, dict[str, Any]]]
+
+
+def _chunks(tasks: list[UnitTask], size: int) -> Iterator[_Chunk]:
+    for unit, task in enumerate(tasks):
+        for number, start in enumerate(range(0, max(len(task.files), 1), size)):  # an empty unit: one empty chunk
+            yield _Chunk(unit, number, task.files[start : start + size])
 
 
 def write_units(
@@ -115,14 +136,17 @@ def write_units(
 ) -> Iterator[dict[str, Any]]:
     """Write units with `workers` processes (1: in this process); yields each unit's stats as it finishes.
 
-    `pool` (shared with the index pass) is used when given; otherwise one is started here.
+    With several workers, files are handed out in chunks of `CHUNK_FILES` in plan order; this process appends
+    each chunk's samples to its unit's tar in plan order (a unit's tar is the same bytes whatever the worker
+    count) and closes a unit as soon as its last chunk is in. `pool` (shared with the index pass) is used when
+    given; otherwise one is started here.
     """
     from tqdm import tqdm
 
     total = sum(len(t.files) for t in tasks)
     bar = tqdm(total=total, unit="files", desc="shard", disable=not progress, smoothing=0.05)
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        if workers <= 1 or total <= 1:
             setup_process()
             for task in tasks:
                 yield write_unit(task, settings, progress=bar.update)
@@ -130,18 +154,56 @@ def write_units(
         with contextlib.ExitStack() as stack:
             if pool is None:
                 pool = stack.enter_context(WorkerPool(workers))
-            pending = {pool.executor.submit(_write_unit_in_worker, task, settings) for task in tasks}
-            while pending:
-                done, pending = concurrent.futures.wait(pending, timeout=0.25, return_when="FIRST_COMPLETED")
-                pool.drain(bar.update)
-                for future in done:
-                    try:
-                        yield future.result()
-                    except concurrent.futures.process.BrokenProcessPool:
-                        raise ShardError(
-                            "a worker process died (out of memory, or a decoder crashed); finished units are "
-                            "kept: run the same command again (with fewer --workers if memory is short)"
-                        ) from None
-            pool.drain(bar.update)
+            yield from _write_chunked(tasks, settings, pool, bar.update)
     finally:
         bar.close()
+
+
+def _write_chunked(
+    tasks: list[UnitTask], settings: WriterSettings, pool: WorkerPool, update: Callable[[int], Any]
+) -> Iterator[dict[str, Any]]:
+    todo = _chunks(tasks, CHUNK_FILES)
+    sinks: dict[int, UnitSink] = {}  # units with a tar open, by task index
+    waiting: dict[tuple[int, int], list[FileOutcome]] = {}  # finished chunks not yet appended (out of order)
+    next_chunk: dict[int, int] = {}  # per open unit: the chunk to append next
+    pending: dict[concurrent.futures.Future[list[FileOutcome]], _Chunk] = {}
+    limit = CHUNKS_AHEAD * pool.workers
+    try:
+        while True:
+            while len(pending) + len(waiting) < limit:
+                chunk = next(todo, None)
+                if chunk is None:
+                    break
+                if chunk.unit not in sinks:
+                    sinks[chunk.unit] = UnitSink(tasks[chunk.unit], settings)
+                    next_chunk[chunk.unit] = 0
+                task = tasks[chunk.unit]
+                future = pool.executor.submit(process_files, chunk.files, task.split, settings)
+                pending[future] = chunk
+            if not pending:
+                break
+            done, _ = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+            for future in done:
+                chunk = pending.pop(future)
+                try:
+                    waiting[(chunk.unit, chunk.number)] = future.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    raise ShardError(
+                        "a worker process died (out of memory, or a decoder crashed); finished units are "
+                        "kept: run the same command again (with fewer --workers if memory is short)"
+                    ) from None
+            # Append whatever is next in plan order, unit by unit; close the units that are complete.
+            for unit in list(sinks):
+                while (unit, next_chunk[unit]) in waiting:
+                    outcomes = waiting.pop((unit, next_chunk[unit]))
+                    for outcome in outcomes:
+                        sinks[unit].add(outcome)
+                    next_chunk[unit] += 1
+                    update(len(outcomes))
+                if sinks[unit].complete:
+                    yield sinks.pop(unit).close()
+    finally:
+        for future in pending:
+            future.cancel()
+        for sink in sinks.values():  # units in flight when the run stops: their temp tars go, nothing else
+            sink.abort()

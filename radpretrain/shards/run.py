@@ -103,6 +103,7 @@ def shard(
             frame_rule=config.frames,
             vocab=vocabulary(buckets),
             codec=config.codec,
+            exact_decode=config.exact_decode,
         )
         if todo:
             log.info(

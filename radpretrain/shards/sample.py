@@ -36,6 +36,8 @@ class WriterSettings:
     frame_rule: str = FRAME_RULE
     vocab: dict[str, list[str]] = field(default_factory=dict)
     codec: str = "png"
+    #: Decode every file in full (today's pixels exactly) instead of at the resolution stored (`dicom.read_dicom_for`).
+    exact_decode: bool = False
 
 
 def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -127,12 +129,17 @@ def frame_key(sop_key: str, frame: int, frames: int) -> str:
     return hashlib.sha256(f"{sop_key}:{frame}".encode()).hexdigest()[: deid.PSEUDONYM_CHARS]
 
 
-def file_samples(path: Path, row: dict[str, Any], split: str, settings: WriterSettings) -> list[dict[str, Any]]:
-    """Decode one file and return its samples; SkipFile / DicomError / ShardError say why there are none."""
+def file_samples(
+    path: Path, row: dict[str, Any], split: str, settings: WriterSettings
+) -> tuple[list[dict[str, Any]], str]:
+    """Decode one file and return its samples and its decode path (`dicom.Decoded.path`); SkipFile /
+    DicomError / ShardError say why there are none."""
     from radpretrain.shards import dicom, plain
 
     window: tuple[float, float] | None = None
     spacing: tuple[float, float] | None = None
+    shape: tuple[int, int] | None = None
+    decode_path = dicom.FULL_DECODE
     if row["kind"] == "image":
         try:
             frames = plain.read_grey(path)[None]
@@ -142,17 +149,23 @@ def file_samples(path: Path, row: dict[str, Any], split: str, settings: WriterSe
         row = {**row, "bits_stored": bits}
     else:
         try:
-            ds, frames = dicom.read_dicom(path, frame_rule=settings.frame_rule)  # type: ignore[arg-type]
+            decoded = dicom.read_dicom_for(
+                path,
+                None if settings.exact_decode else settings.size,
+                frame_rule=settings.frame_rule,  # type: ignore[arg-type]
+            )
         except dicom.UnsupportedImage as exc:
             raise SkipFile(str(exc)) from None
+        ds, frames, shape, decode_path = decoded
         window = dicom.window_from_header(ds)
         spacing = pixel_spacing(ds)
     samples = []
     count = len(frames)
     for number, frame in enumerate(frames):
-        resized = dicom.resize_longest(frame, settings.size)
+        original = shape or frame.shape
+        resized = dicom.resize_longest(frame, settings.size, shape=original)
         stored, offset = stored_pixels(resized)
-        meta = sample_meta(row, split, stored, offset, frame.shape, spacing, window)
+        meta = sample_meta(row, split, stored, offset, original, spacing, window)
         deid.check_sample_meta(meta, settings.vocab)
         samples.append(
             {
@@ -161,4 +174,4 @@ def file_samples(path: Path, row: dict[str, Any], split: str, settings: WriterSe
                 "json": json.dumps(meta, separators=(",", ":")).encode(),
             }
         )
-    return samples
+    return samples, decode_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -89,60 +90,115 @@ class UnitTask:
     files: list[tuple[str, str, dict[str, Any]]]  # (file pseudonym, relative path, index row)
 
 
+@dataclass
+class FileOutcome:
+    """What one file gave: its samples (encoded, ready for the tar), or why there are none."""
+
+    file: str
+    status: str  # "written", "skipped" or "failed"
+    samples: list[dict[str, Any]]
+    reason: str = ""
+    decode_path: str = ""
+
+
+def process_file(file: str, relpath: str, row: dict[str, Any], split: str, settings: WriterSettings) -> FileOutcome:
+    """Decode and encode one file; every failure becomes an outcome (record-and-continue), never an exception."""
+    try:
+        samples, decode_path = file_samples(Path(settings.src) / relpath, row, split, settings)
+    except SkipFile as exc:
+        return FileOutcome(file, "skipped", [], str(exc))
+    except (DicomError, ShardError) as exc:  # their messages are fixed phrases without header values
+        return FileOutcome(file, "failed", [], str(exc))
+    except Exception as exc:  # a codec or library bug on one file must not stop the run
+        return FileOutcome(file, "failed", [], f"{UNEXPECTED} ({type(exc).__name__})")
+    return FileOutcome(file, "written", samples, decode_path=decode_path)
+
+
+def process_files(
+    files_: list[tuple[str, str, dict[str, Any]]], split: str, settings: WriterSettings
+) -> list[FileOutcome]:
+    """`process_file` over a chunk of one unit's files, in order (the work item of a worker)."""
+    return [process_file(file, relpath, row, split, settings) for file, relpath, row in files_]
+
+
+class UnitSink:
+    """A unit's tar being written: outcomes are added in plan order, `close` renames it into place and writes
+    the stats that mark it done; until then only a hidden temp file exists (removed by `abort`)."""
+
+    def __init__(self, task: UnitTask, settings: WriterSettings) -> None:
+        self.task, self.settings = task, settings
+        self.tar_path, self.stats_path = unit_paths(Path(settings.out), task.name)
+        self.started = time.perf_counter()
+        self.added = 0
+        self.skipped: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.decode_paths: Counter[str] = Counter()
+        self.errors: list[dict[str, str]] = []
+        self.composition: dict[str, Counter[str]] = {name: Counter() for name in COMPOSITION_FIELDS}
+        self.samples_written = self.files_written = 0
+        self._stack = contextlib.ExitStack()
+        tmp_tar = self._stack.enter_context(files.atomic_path(self.tar_path))
+        # One copy per member instead of 16 KB chunks: a 250 KB PNG is added in 0.14 ms instead of 0.28.
+        self._tar = self._stack.enter_context(
+            tarfile.TarFile(tmp_tar, "w", format=tarfile.USTAR_FORMAT, copybufsize=2**20)
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.added == len(self.task.files)
+
+    def add(self, outcome: FileOutcome) -> None:
+        self.added += 1
+        if outcome.status == "written":
+            for sample in outcome.samples:
+                add_sample(self._tar, sample)
+                meta = json.loads(sample["json"])
+                for name in COMPOSITION_FIELDS:
+                    self.composition[name][str(meta[name])] += 1
+            self.samples_written += len(outcome.samples)
+            self.files_written += 1
+            self.decode_paths[outcome.decode_path] += 1
+            return
+        (self.skipped if outcome.status == "skipped" else self.failed)[outcome.reason] += 1
+        self.errors.append({"file": outcome.file, "status": outcome.status, "reason": outcome.reason})
+
+    def close(self) -> dict[str, Any]:
+        """Finish the tar (rename into place), then write the stats file; returns the stats."""
+        self._stack.close()
+        stats = {
+            "unit": self.task.name,
+            "split": self.task.split,
+            "plan": self.settings.fingerprint,
+            "files": len(self.task.files),
+            "files_written": self.files_written,
+            "samples": self.samples_written,
+            "bytes": self.tar_path.stat().st_size,
+            "skipped": dict(self.skipped),
+            "failed": dict(self.failed),
+            "errors": self.errors,
+            "composition": {name: dict(sorted(c.items())) for name, c in self.composition.items()},
+            "decode": dict(sorted(self.decode_paths.items())),
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        files.write_text(self.stats_path, json.dumps(stats, indent=1) + "\n")
+        return stats
+
+    def abort(self) -> None:
+        """Drop the unfinished tar: its temp file is removed, nothing becomes visible."""
+        self._stack.__exit__(ShardError, ShardError("aborted"), None)
+
+
 def write_unit(
     task: UnitTask, settings: WriterSettings, progress: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
-    """Write one unit atomically: temp tar, rename, then stats (whose presence marks the unit done)."""
-    out = Path(settings.out)
-    src = Path(settings.src)
-    tar_path, stats_path = unit_paths(out, task.name)
-    started = time.perf_counter()
-    skipped: Counter[str] = Counter()
-    failed: Counter[str] = Counter()
-    errors: list[dict[str, str]] = []
-    composition: dict[str, Counter[str]] = {name: Counter() for name in COMPOSITION_FIELDS}
-    samples_written = files_written = 0
-    # One copy per member instead of 16 KB chunks: a 250 KB PNG is added in 0.14 ms instead of 0.28.
-    with (
-        files.atomic_path(tar_path) as tmp_tar,
-        tarfile.TarFile(tmp_tar, "w", format=tarfile.USTAR_FORMAT, copybufsize=2**20) as sink,
-    ):
+    """Write one unit atomically in this process: temp tar, rename, then stats (whose presence marks it done)."""
+    sink = UnitSink(task, settings)
+    try:
         for file, relpath, row in task.files:
-            try:
-                samples = file_samples(src / relpath, row, task.split, settings)
-            except SkipFile as exc:
-                skipped[str(exc)] += 1
-                errors.append({"file": file, "status": "skipped", "reason": str(exc)})
-            except (DicomError, ShardError) as exc:  # their messages are fixed phrases without header values
-                failed[str(exc)] += 1
-                errors.append({"file": file, "status": "failed", "reason": str(exc)})
-            except Exception as exc:  # a codec or library bug on one file must not stop the run
-                reason = f"{UNEXPECTED} ({type(exc).__name__})"
-                failed[reason] += 1
-                errors.append({"file": file, "status": "failed", "reason": reason})
-            else:
-                for sample in samples:
-                    add_sample(sink, sample)
-                    meta = json.loads(sample["json"])
-                    for name in COMPOSITION_FIELDS:
-                        composition[name][str(meta[name])] += 1
-                samples_written += len(samples)
-                files_written += 1
+            sink.add(process_file(file, relpath, row, task.split, settings))
             if progress is not None:
                 progress(1)
-    stats = {
-        "unit": task.name,
-        "split": task.split,
-        "plan": settings.fingerprint,
-        "files": len(task.files),
-        "files_written": files_written,
-        "samples": samples_written,
-        "bytes": tar_path.stat().st_size,
-        "skipped": dict(skipped),
-        "failed": dict(failed),
-        "errors": errors,
-        "composition": {name: dict(sorted(c.items())) for name, c in composition.items()},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    files.write_text(stats_path, json.dumps(stats, indent=1) + "\n")
-    return stats
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.close()

@@ -223,6 +223,58 @@ def available_syntaxes() -> list[str]:
     return found
 
 
+#: Syntaxes `transcode` writes that pydicom cannot encode (and `generate` does not draw): baseline 8-bit
+#: JPEG (lossy, via Pillow's libjpeg, 8-bit images only) and JPEG lossless SV1 (via GDCM), for benchmarks and
+#: tests of the decoders.
+TRANSCODE_SYNTAXES: tuple[str, ...] = ("JPEGBaseline8Bit", "JPEGLosslessSV1")
+
+
+def transcode(src: str | Path, dst: str | Path, syntax: str, quality: int = 90) -> None:
+    """Rewrite one uncompressed monochrome DICOM file `src` as `dst` in `syntax` (`TRANSCODE_SYNTAXES`).
+
+    JPEGBaseline8Bit needs BitsAllocated 8 (`generate(..., bits_stored=8)`); `quality` is its JPEG quality.
+    """
+    import pydicom
+    import pydicom.uid
+
+    if syntax not in TRANSCODE_SYNTAXES:
+        raise ConfigError(f"transcode writes {', '.join(TRANSCODE_SYNTAXES)}, got {syntax!r}")
+    if syntax == "JPEGLosslessSV1":
+        import gdcm
+
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(src))
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        writer = gdcm.ImageWriter()
+        if not reader.Read():
+            raise ConfigError(f"GDCM cannot read {src}")
+        change.SetInput(reader.GetImage())
+        if not change.Change():
+            raise ConfigError(f"GDCM cannot encode {src} as JPEG lossless")
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        writer.SetFileName(str(dst))
+        if not writer.Write():
+            raise ConfigError(f"GDCM cannot write {dst}")
+        return
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(src)
+    if ds.BitsAllocated != 8 or ds.SamplesPerPixel != 1 or ds.get("PixelRepresentation", 0) != 0:
+        raise ConfigError("JPEGBaseline8Bit needs unsigned 8-bit monochrome pixels (generate with bits_stored=8)")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(ds.pixel_array, dtype=np.uint8)).save(buffer, "JPEG", quality=quality)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    ds.LossyImageCompression = "01"
+    ds.save_as(dst, enforce_file_format=True)
+
+
 def generate(
     out: str | Path,
     n: int,

@@ -74,8 +74,11 @@ def test_real_radiographs_match_pydicom(tmp_path: Path) -> None:
         src, out = tmp_path / f"src{number}", tmp_path / f"out{number}"
         src.mkdir()
         (src / "image").symlink_to(path)
-        summary = shard(src, out, ShardConfig(size=SIZE, shard_size=4), key=key, progress=False)
+        # Exact decode: the pixels must be full decode + area resize to the last grey level.
+        config = ShardConfig(size=SIZE, shard_size=4, exact_decode=True)
+        summary = shard(src, out, config, key=key, progress=False)
         assert summary.manifest is not None
+        assert summary.manifest["decode"] == {"exact": True, "files": {"full": 1}}
         counts = summary.manifest["counts"]
         assert counts["written"] == 1, (path.name, counts)
         [split] = [name for name, entry in summary.manifest["splits"].items() if entry["shards"]]

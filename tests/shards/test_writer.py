@@ -98,14 +98,14 @@ def test_frame_rules(tmp_path: Path, rule: str, values: list[int]) -> None:
 
 def test_a_crashing_file_is_recorded_and_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_archive(tmp_path / "src", 5)
-    real = dicom.read_dicom
+    real = dicom.read_dicom_for
 
-    def flaky(path: Path, **kwargs: object) -> object:
+    def flaky(path: Path, *args: object, **kwargs: object) -> object:
         if Path(path).name == "img002.dcm":
             raise RuntimeError("codec bug with /secret/path/SMITH")
-        return real(path, **kwargs)  # type: ignore[arg-type]
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(dicom, "read_dicom", flaky)
+    monkeypatch.setattr(dicom, "read_dicom_for", flaky)
     summary = shard(tmp_path / "src", tmp_path / "out", CONFIG, key=tmp_path / "k", progress=False)
     assert summary.manifest is not None
     assert summary.manifest["counts"]["written"] == 4
