@@ -12,13 +12,14 @@ from typing import Any
 from radpretrain import __version__, intensity
 from radpretrain.errors import ConfigError
 from radpretrain.files import atomic_path, temp_path, write_bytes, write_text
+from radpretrain.models.weights import HUB_CONFIG, HUB_WEIGHTS
 
 #: Output formats of `radpretrain export`: radpretrain's folder, a Hugging Face / timm folder, ONNX.
 FORMATS: tuple[str, ...] = ("radpretrain", "hf", "onnx")
 
-#: Files of a Hugging Face / timm folder (the names timm's hub loader looks for).
-HF_CONFIG = "config.json"
-HF_WEIGHTS = "model.safetensors"
+#: Files of a Hugging Face / timm folder (the names timm's hub loader looks for; weights.py reads them back).
+HF_CONFIG = HUB_CONFIG
+HF_WEIGHTS = HUB_WEIGHTS[0]
 ONNX_FILE = "encoder.onnx"
 README = "README.md"
 #: How to install what the hf / onnx formats and --push-to-hub need.
