@@ -5,17 +5,21 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from lightly.models.modules import DINOProjectionHead
+from safetensors.torch import load_file
 
 from radpretrain.cli import main
 from radpretrain.data.transforms import ViewMaker, ViewsConfig, local_view_size
 from radpretrain.errors import ConfigError
 from radpretrain.models.encoders import build_encoder
+from radpretrain.pretrain.loop import pretrain
 from radpretrain.pretrain.tasks import build_objective
 from radpretrain.pretrain.tasks.dino import weight_normed_layer
 from radpretrain.shards.format import LOCAL_VIEWS, VIEW_NAMES
@@ -297,3 +301,30 @@ def test_cli_pretrains_with_the_new_task(task: str, tiny_overrides: list[str], t
     assert [row["step"] for row in log] == [1, 2]
     assert all(math.isfinite(row[f"{task}/loss"]) for row in log)
     assert (run / "summary.json").is_file()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resumed_dino_run_repeats_the_uninterrupted_run(make_config: Callable[..., Any], tmp_path: Path) -> None:
+    # DINO's state beyond the weights: the teacher, the centre, the temperature schedule and the freeze.
+    options = (
+        "{dino: {hidden_dim: 32, bottleneck_dim: 16, output_dim: 64, local_views: 2, teacher_temp_warmup: 0.5, "
+        "freeze_last_layer_steps: 2}}"
+    )
+    common = ["steps=6", "probe.k=3", "tasks={dino: 1.0}", f"task_options={options}"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    pretrain(make_config(*common, out=whole))
+    pretrain(make_config(*common, "stop_after=3", out=parts))
+    pretrain(make_config(*common, "resume=true", out=parts))
+    a, b = (read_jsonl(run / "log.jsonl") for run in (whole, parts))
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["dino/teacher_temp"] for r in a] == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07, 0.07], abs=1e-6)
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "dino/teacher_temp", "dino/momentum", "dino/teacher_entropy"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
+    wa, wb = (load_file(str(run / "checkpoint/model.safetensors")) for run in (whole, parts))
+    assert wa.keys() == wb.keys() and any("center" in name for name in wa)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
