@@ -18,7 +18,7 @@ from radpretrain import intensity
 from radpretrain.data import letterbox
 from radpretrain.errors import ConfigError
 from radpretrain.registry import did_you_mean
-from radpretrain.shards.format import LABEL_NAMES, STRONG_VIEWS, VIEW_NAMES
+from radpretrain.shards.format import LABEL_NAMES, LOCAL_VIEWS, STRONG_VIEWS, VIEW_NAMES
 
 #: Label tensors every sample carries: long, -1 where missing (ignore_index of the metadata task).
 MISSING = -1
@@ -82,6 +82,11 @@ class AugmentConfig:
         )
 
     @classmethod
+    def local(cls) -> AugmentConfig:
+        """DINO's local crops: the strong policy on small parts of the image (5-40 % of its area)."""
+        return cls(crop_scale=(0.05, 0.4))
+
+    @classmethod
     def evaluation(cls) -> AugmentConfig:
         """No randomness: the whole image letterboxed at the stored window (probes, feature extraction)."""
         return dataclasses.replace(cls.light(), resize="letterbox")
@@ -110,16 +115,37 @@ class AugmentConfig:
             raise ConfigError(f"augment clahe_clip must be > 0, got {self.clahe_clip}")
 
 
+#: A local view's side as a fraction of the global one: DINO's 96 px local crops of 224 px images.
+LOCAL_FRACTION = 3 / 7
+#: Automatic local sizes are multiples of this, so ViT patch embeddings (16 px) and CNN strides fit them.
+LOCAL_MULTIPLE = 16
+
+
 @dataclass
 class ViewsConfig:
-    """The policies of the strong views ("view0", "view1") and of the light one ("plain")."""
+    """The policies of the strong views ("view0", "view1"), the light one ("plain") and the local crops ("local0"..)."""
 
     strong: AugmentConfig = field(default_factory=AugmentConfig.strong)
     plain: AugmentConfig = field(default_factory=AugmentConfig.light)
+    local: AugmentConfig = field(default_factory=AugmentConfig.local)
+    #: Side of the local views in pixels; 0: 3/7 of data.image_size rounded to a multiple of 16 (96 for 224).
+    local_size: int = 0
 
     def validate(self) -> None:
         self.strong.validate()
         self.plain.validate()
+        self.local.validate()
+        if isinstance(self.local_size, bool) or not isinstance(self.local_size, int) or self.local_size < 0:
+            raise ConfigError(
+                f"augment local_size must be a whole number of pixels >= 0 (0: automatic), got {self.local_size!r}"
+            )
+
+
+def local_view_size(image_size: int, local_size: int = 0) -> int:
+    """The side of the local views: `local_size`, or 3/7 of `image_size` rounded to a multiple of 16 (at least 16)."""
+    if local_size:
+        return local_size
+    return max(LOCAL_MULTIPLE, round(image_size * LOCAL_FRACTION / LOCAL_MULTIPLE) * LOCAL_MULTIPLE)
 
 
 def stored_window(pixels: np.ndarray, meta: Mapping[str, Any]) -> tuple[float, float]:
@@ -266,12 +292,13 @@ class RadiographAugment:
 
 
 class ViewMaker:
-    """Makes the named views of a stored radiograph with the strong and light policies.
+    """Makes the named views of a stored radiograph with the strong, light and local policies.
 
     Args:
-        view_names: Any of "view0", "view1" (strong policy) and "plain" (light policy).
-        cfg: The two policies.
-        image_size: Side of the square output views.
+        view_names: Any of "view0", "view1" (strong policy), "plain" (light policy) and "local0".."local7"
+            (local policy, at `local_view_size(image_size, cfg.local_size)`).
+        cfg: The policies.
+        image_size: Side of the square output views (but the local ones).
         seed: Seed of the random stream (reseed per worker with `reseed`).
     """
 
@@ -287,7 +314,14 @@ class ViewMaker:
         self.view_names = tuple(dict.fromkeys(view_names))
         self.strong = RadiographAugment(cfg.strong, image_size)
         self.light = RadiographAugment(cfg.plain, image_size)
+        self.local = RadiographAugment(cfg.local, local_view_size(image_size, cfg.local_size))
+        self.policy = {name: self.policy_of(name) for name in self.view_names}
         self.reseed(seed)
+
+    def policy_of(self, name: str) -> RadiographAugment:
+        if name in STRONG_VIEWS:
+            return self.strong
+        return self.local if name in LOCAL_VIEWS else self.light
 
     def reseed(self, seed: int | Sequence[int]) -> None:
         self.set_random_state(np.random.default_rng(seed))
@@ -297,11 +331,12 @@ class ViewMaker:
         py_random = random.Random(int(rng.integers(2**63)))
         self.strong.set_random_state(rng, py_random)
         self.light.set_random_state(rng, py_random)
+        self.local.set_random_state(rng, py_random)
 
     def __call__(self, pixels: np.ndarray, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
         window = stored_window(pixels, meta)
         values = np.asarray(pixels, dtype=np.float32)  # once per sample, shared by its views (windowing is float)
-        return {name: (self.strong if name in STRONG_VIEWS else self.light)(values, window) for name in self.view_names}
+        return {name: self.policy[name](values, window) for name in self.view_names}
 
 
 def make_views(

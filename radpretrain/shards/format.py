@@ -50,11 +50,13 @@ PLAN_FILE = "plan.json"
 TAR_SUFFIX = ".tar"
 STATS_SUFFIX = ".stats.json"
 
-#: Views a sample can be turned into (see pretrain.tasks.base): two independent strong augmentations
-#: and one light one (crop + window).
+#: Views a sample can be turned into (see pretrain.tasks.base): two independent strong augmentations,
+#: one light one (crop + window) and up to eight small local crops (DINO's multi-crop), smaller than the
+#: others (data.transforms.local_view_size).
 STRONG_VIEWS: tuple[str, ...] = ("view0", "view1")
 LIGHT_VIEWS: tuple[str, ...] = ("plain",)
-VIEW_NAMES: tuple[str, ...] = STRONG_VIEWS + LIGHT_VIEWS
+LOCAL_VIEWS: tuple[str, ...] = tuple(f"local{i}" for i in range(8))
+VIEW_NAMES: tuple[str, ...] = STRONG_VIEWS + LIGHT_VIEWS + LOCAL_VIEWS
 
 #: Label tensors always present in a batch: long, -1 where the label is missing.
 LABEL_NAMES: tuple[str, ...] = ("body_part", "age_bucket", "sex", "view")

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from radpretrain.pretrain.tasks import byol, mae, metadata, moco, patch_ae, simclr  # noqa: F401  (fills TASKS)
+from radpretrain.pretrain.tasks import (  # noqa: F401  (fills TASKS)
+    barlow_twins,
+    byol,
+    dino,
+    mae,
+    metadata,
+    moco,
+    patch_ae,
+    simclr,
+    vicreg,
+)
 from radpretrain.pretrain.tasks.base import TASKS, Task, register_task
 from radpretrain.pretrain.tasks.objective import Objective, build_objective
 
