@@ -44,7 +44,7 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if getattr(module, PER_PROCESS_BN, False) or isinstance(module, nn.SyncBatchNorm):
         return module
     if isinstance(module, _BatchNorm):
-        return timm_convert(module)  # type: ignore[no-any-return]
+        return timm_convert(module)
     for name, child in module.named_children():
         converted = convert_sync_batchnorm(child)
         if converted is not child:
