@@ -81,7 +81,9 @@ class MoCo(MomentumTask):
         if version == 3:
             unused = sorted({"memory_bank_size", "bn_splits"} & set(options))
             if unused:
-                raise ConfigError(f"task_options.moco.{unused[0]} is a MoCo v2 option; v3 has no queue, remove it")
+                raise ConfigError(
+                    f"task_options.moco.{unused[0]} is a MoCo v2 option (v3 has no queue and no Shuffle-BN); remove it"
+                )
             if "momentum" not in options:
                 self.options["momentum"] = 0.99
         self.version = version
