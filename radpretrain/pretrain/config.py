@@ -105,6 +105,9 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False
+    #: BatchNorm statistics over the global batch (SyncBatchNorm); null: on when there is more than one
+    #: process and the model has BatchNorm. Not possible on CPU (gloo): the run says so and keeps them per process.
+    sync_bn: bool | None = None
     steps: int = 1000
     #: End this session after this many steps (checkpointed; --resume continues), e.g. to fit a queue's
     #: time limit; 0 runs to `steps`. The schedule still spans `steps`.

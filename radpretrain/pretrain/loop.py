@@ -22,7 +22,7 @@ from radpretrain import files
 from radpretrain.config import save_config, to_dict
 from radpretrain.errors import ConfigError, NonFiniteLossError, ShardError
 from radpretrain.pretrain import checkpoint as ckpt
-from radpretrain.pretrain import stream
+from radpretrain.pretrain import distributed, stream
 from radpretrain.pretrain.config import RESUME_FIXED, PretrainConfig
 from radpretrain.shards.format import MANIFEST, ShardSet
 
@@ -99,6 +99,7 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     check_encoder(encoder, cfg)
     objective = build_objective(encoder, cfg.tasks, cfg.task_options, vocab)
     model = PretrainModel(encoder, objective)
+    model = distributed.sync_batchnorm(model, cfg.sync_bn, accelerator)  # before DDP wraps it
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.seed, device_specific=True)

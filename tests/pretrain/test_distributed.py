@@ -1,4 +1,4 @@
-"""Two real processes on CPU (`accelerate launch --multi_gpu`, gloo): disjoint shards, gathered NT-Xent, resume."""
+"""Two gloo processes on CPU (`accelerate launch --multi_gpu`): disjoint shards, gathered NT-Xent, resume, sync_bn."""
 
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ def test_two_processes_split_shards_gather_the_loss_and_resume(
     ]
     first = launch([*overrides, "stop_after=3"])
     assert first.returncode == 0, first.stderr[-3000:]
+    # sync_bn is on by default (2 processes, a ResNet), but gloo on CPU cannot: one line says so, once
+    said = [line for line in first.stderr.splitlines() if line.startswith("sync_bn:")]
+    assert said == [
+        "sync_bn: SyncBatchNorm cannot synchronise cpu tensors; BatchNorm statistics stay per process (2 processes)"
+    ], first.stderr[-3000:]
 
     # one checkpoint: one model file, the RNG state of each process, both data positions
     checkpoint = run / "checkpoint"

@@ -22,18 +22,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resumed_run_repeats_the_uninterrupted_run(make_config: MakeConfig, tmp_path: Path, workers: int) -> None:
+SIMCLR_PATCH_AE = ["tasks={simclr: 1.0, patch_ae: 0.5}", "task_options={patch_ae: {patch_size: 8}}"]
+# a 64-key queue wraps every two steps; Shuffle-BN draws its order from the training RNG
+MOCO = ["tasks={moco: 1.0}", "task_options={moco: {memory_bank_size: 64, output_dim: 16}}"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "tasks"),
+    [(0, SIMCLR_PATCH_AE), (1, SIMCLR_PATCH_AE), (0, MOCO)],
+    ids=["simclr+patch_ae-0", "simclr+patch_ae-1", "moco-0"],
+)
+def test_resumed_run_repeats_the_uninterrupted_run(
+    make_config: MakeConfig, tmp_path: Path, workers: int, tasks: list[str]
+) -> None:
     # 16-sample batches of ~140 train samples: the 14 steps cross an epoch boundary, the stop at 5 is mid-epoch.
-    # patch_ae draws its masks from the training RNG, which the checkpoint must restore too.
+    # patch_ae draws its masks from the training RNG, which the checkpoint must restore too; moco's queue and
+    # momentum encoder are state the checkpoint must hold.
     common = [
         "steps=14",
         "data.batch_size=16",
         f"data.workers={workers}",
         "data.log_samples=true",
         "probe.k=3",
-        "tasks={simclr: 1.0, patch_ae: 0.5}",
-        "task_options={patch_ae: {patch_size: 8}}",
+        *tasks,
     ]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     pretrain(make_config(*common, out=whole))
@@ -59,6 +70,8 @@ def test_resumed_run_repeats_the_uninterrupted_run(make_config: MakeConfig, tmp_
         load_file(str(parts / "checkpoint/model.safetensors")),
     )
     assert wa.keys() == wb.keys()
+    if tasks is MOCO:
+        assert "objective.tasks.moco.criterion.memory_bank.bank" in wa  # the queue is saved, not redrawn
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
     assert second.probe == pytest.approx(json.loads((whole / "summary.json").read_text())["probe"])

@@ -20,6 +20,7 @@ from radpretrain.models.encoders import build_encoder, encoder_stages
 from radpretrain.pretrain.tasks import TASKS, build_objective
 from radpretrain.pretrain.tasks.mae import random_patch_tokens
 from radpretrain.pretrain.tasks.metadata import class_weights, focal_cross_entropy
+from radpretrain.pretrain.tasks.moco import contrastive_v3
 from radpretrain.pretrain.tasks.patch_ae import grid_to_patches, hide_patches, masked_patch_loss, random_patch_mask
 from radpretrain.shards.format import LOCAL_VIEWS, VIEW_NAMES
 
@@ -185,7 +186,8 @@ def test_byol_momentum_update_is_an_exponential_average() -> None:
 def test_moco_scores_queries_against_the_bank_and_queues_the_keys() -> None:
     torch.manual_seed(9)
     encoder = build_encoder("test_resnet")
-    options = {"moco": {"memory_bank_size": 16, "output_dim": 8, "temperature": 0.5}}
+    # one BatchNorm group: the shuffled keys then equal keys of the batch in order (checked below)
+    options = {"moco": {"memory_bank_size": 16, "output_dim": 8, "temperature": 0.5, "bn_splits": 1}}
     objective = build_objective(encoder, {"moco": 1.0}, options, VOCAB)
     task = objective.tasks["moco"]
     bank_before = task.criterion.memory_bank.bank.clone()  # (16, 8) unit rows
@@ -205,6 +207,85 @@ def test_moco_scores_queries_against_the_bank_and_queues_the_keys() -> None:
     assert out["loss"].item() == pytest.approx(total / 6, rel=1e-4)
     assert int(task.criterion.memory_bank.bank_ptr) == 6
     torch.testing.assert_close(task.criterion.memory_bank.bank[:6], keys)
+
+
+def test_moco_keys_come_from_a_shuffled_batch_in_batchnorm_groups() -> None:
+    torch.manual_seed(3)
+    encoder = build_encoder("test_resnet")
+    options = {"moco": {"memory_bank_size": 0, "output_dim": 8, "bn_splits": 2}}
+    task = build_objective(encoder, {"moco": 1.0}, options, VOCAB).tasks["moco"]
+    x = torch.cat(list(make_batch(("view0", "view1"), b=4).values())[:2])
+    torch.manual_seed(5)
+    keys = task.momentum_projection(x, shuffle=True, splits=2)
+    torch.manual_seed(5)
+    order = torch.randperm(len(x))  # what lightly's batch_shuffle draws
+
+    def keys_of(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            parts = images.chunk(2)
+            return torch.cat([task.projection_head_momentum(task.encoder_momentum(p)) for p in parts])
+
+    torch.testing.assert_close(keys, keys_of(x[order])[torch.argsort(order)])
+    # the groups' statistics changed: in order, the same two groups give other keys
+    assert not torch.allclose(keys, keys_of(x), atol=1e-4)
+
+
+def test_moco_forward_feeds_the_key_encoder_a_shuffled_batch() -> None:
+    torch.manual_seed(4)
+    encoder = build_encoder("test_resnet")
+    objective = build_objective(encoder, {"moco": 1.0}, {"moco": {"memory_bank_size": 32}}, VOCAB)
+    task = objective.tasks["moco"]
+    assert task.options["momentum"] == 0.999  # MoCo v2
+    assert task.bn_groups(12) == 2  # one process, BatchNorm: a shuffle needs groups to change statistics
+    seen: list[torch.Tensor] = []
+    task.encoder_momentum.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    batch = make_batch(("view0", "view1"), b=6)
+    objective(encoder, batch)
+    x = torch.cat([batch["view0"], batch["view1"]])
+    fed = torch.cat(seen)
+    assert len(seen) == 2 and fed.shape == x.shape
+    flat, fed_flat = x.flatten(1), fed.flatten(1)
+    position = [int((flat == row).all(1).nonzero()) for row in fed_flat]  # where each fed sample came from
+    assert sorted(position) == list(range(len(x))) and position != list(range(len(x)))
+    assert (
+        build_objective(build_encoder("test_vit", img_size=SIZE), {"moco": 1.0}, {}, VOCAB).tasks["moco"].bn_groups(12)
+        == 1
+    )  # no BatchNorm, nothing to split
+
+
+def slow_moco_v3(q: torch.Tensor, k: torch.Tensor, temperature: float) -> float:
+    q, k = nn.functional.normalize(q, dim=1), nn.functional.normalize(k, dim=1)
+    total = 0.0
+    for i in range(len(q)):
+        scores = [math.exp(float(q[i] @ k[j]) / temperature) for j in range(len(k))]
+        total += -math.log(scores[i] / sum(scores))
+    return total / len(q) * 2 * temperature
+
+
+def test_moco_v3_trains_with_batch_keys_and_a_predictor() -> None:
+    torch.manual_seed(6)
+    encoder = build_encoder("test_resnet")
+    objective = build_objective(encoder, {"moco": 1.0}, {"moco": {"version": 3, "output_dim": 16}}, VOCAB)
+    task = objective.tasks["moco"]
+    assert task.options["momentum"] == 0.99 and not any("bank" in k for k in task.state_dict())
+    q, k = torch.randn(5, 16), torch.randn(5, 16)
+    assert contrastive_v3(q, k, 0.3).item() == pytest.approx(slow_moco_v3(q, k, 0.3), rel=1e-5)
+    batch = make_batch(("view0", "view1"), b=8)
+    optimizer = torch.optim.SGD([*encoder.parameters(), *objective.parameters()], lr=0.05)
+    losses = []
+    for step in range(6):
+        out = objective(encoder, batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        assert all(p.grad is not None for p in task.prediction_head.parameters())
+        optimizer.step()
+        objective.after_step(encoder, step + 1, 6)
+        losses.append(out["loss"].item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ConfigError, match="v3 has no queue"):
+        build_objective(encoder, {"moco": 1.0}, {"moco": {"version": 3, "memory_bank_size": 8}}, VOCAB)
+    with pytest.raises(ConfigError, match="version must be 2 or 3"):
+        build_objective(encoder, {"moco": 1.0}, {"moco": {"version": 1}}, VOCAB)
 
 
 def test_metadata_ignores_missing_labels_and_weights_rare_classes() -> None:

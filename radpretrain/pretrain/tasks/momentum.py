@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
+from lightly.utils import dist
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
@@ -38,8 +39,20 @@ class MomentumTask(Task):
         self.register_buffer("momentum", torch.tensor(float(start)))
 
     @torch.no_grad()
-    def momentum_projection(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection_head_momentum(self.encoder_momentum(x))
+    def momentum_projection(self, x: torch.Tensor, shuffle: bool = False, splits: int = 1) -> torch.Tensor:
+        """The momentum projections of `x` (B, ...) -> (B, D), in the order of `x`.
+
+        `shuffle` (Shuffle-BN, MoCo): the momentum networks see the batch in a random order, across all
+        processes when there are several (lightly's batch_shuffle), so a key's BatchNorm statistics come from
+        other samples than its query's. `splits` > 1 runs the shuffled batch in that many groups with their
+        own statistics, which is what several processes give; on one process a permutation alone changes no
+        statistic.
+        """
+        distributed = dist.world_size() > 1
+        if shuffle:
+            x, order = batch_shuffle(x, distributed=distributed)
+        z = torch.cat([self.projection_head_momentum(self.encoder_momentum(part)) for part in x.chunk(splits)])
+        return batch_unshuffle(z, order, distributed=distributed) if shuffle else z
 
     @torch.no_grad()
     def after_step(self, encoder: nn.Module, step: int, total_steps: int) -> None:
