@@ -160,3 +160,8 @@ def test_a_probe_without_two_classes_says_so(make_config: MakeConfig, tmp_path: 
     assert monitor.probe_note(["body_part", "sex"], {"step": 1, "knn/body_part": 0.9}) == (
         "not scored: sex (fewer than two classes among the probed images)"
     )
+
+
+def test_probe_folds_below_two_are_refused(make_config: MakeConfig) -> None:
+    with pytest.raises(ConfigError, match=r"probe\.folds must be >= 2"):
+        make_config("probe.folds=1")
