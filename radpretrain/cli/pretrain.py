@@ -80,7 +80,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         overrides.append("resume=true")
     result = pretrain(load_config(PretrainConfig, path, overrides))
     if result.main:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in result.probe.items() if k.startswith(("knn/", "linear/")))
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in result.probe.items() if k.startswith(("knn", "linear")))
         print(f"step {result.step}: run in {result.run_dir}" + (f"; probes: {scores}" if scores else ""))
     if result.stopped_by is not None:
         if result.main:

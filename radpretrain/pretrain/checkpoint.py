@@ -31,10 +31,12 @@ class TrainState:
 
     `positions[rank]` is {"epoch": e, "batches": b}: process `rank` had consumed `b` micro-batches of its
     data epoch `e`; with the epoch's order fixed by (seed, epoch, rank) that pins every later batch.
+    `skipped` counts the optimiser steps the fp16 gradient scaler skipped (not counted in `step`).
     """
 
     step: int = 0
     images: int = 0
+    skipped: int = 0
     world_size: int = 1
     positions: list[dict[str, int]] | None = None
 
@@ -157,11 +159,15 @@ def export_encoder(run_dir: str | Path, out_dir: str | Path) -> Path:
         "input_size": [1, config.data.image_size, config.data.image_size],
         "pretext_tasks": dict(config.tasks),
         "task_options": dict(config.task_options),
+        # the file or folder name only: a full path names the user's machine
+        "init": Path(config.encoder.init).name if config.encoder.init is not None else None,
         "steps": state.step,
         "images_seen": state.images,
         "seed": config.seed,
         "data": summary.get("data", {}),
         "probes": probes,
+        "probe_labels": summary.get("probe_labels") or {},
+        "probe_note": summary.get("probe_note"),
         "radpretrain_version": __version__,
     }
     save_encoder(encoder, out_dir, card)
@@ -181,6 +187,8 @@ def model_card(card: dict[str, Any], encoder_name: str) -> str:
     split_text = ", ".join(f"{name} {info.get('samples', '?')}" for name, info in splits.items()) or "unknown"
     total = sum(int(info.get("samples") or 0) for info in splits.values())
     tasks = ", ".join(f"{name} (weight {weight:g})" for name, weight in card["pretext_tasks"].items())
+    init = card.get("init")
+    init_text = f"`{init}` (encoder.init)" if init else "random (timm's initialisation)"
     lines = [
         f"# Radiograph encoder: {encoder_name}",
         "",
@@ -191,6 +199,7 @@ def model_card(card: dict[str, Any], encoder_name: str) -> str:
         "## Training",
         "",
         f"- Objectives: {tasks}.",
+        f"- Initial weights: {init_text}.",
         f"- Steps: {card['steps']} ({card['images_seen']} images seen), seed {card['seed']}.",
         f"- Data: {total} images ({split_text}); trained on the train split; stored longest side "
         f"{data.get('size', '?')} px.",
@@ -202,22 +211,7 @@ def model_card(card: dict[str, Any], encoder_name: str) -> str:
         if isinstance(counts, dict) and counts:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -_as_int(kv[1])))
             lines.append(f"  - {field_name.replace('_', ' ')}: {shown}.")
-    lines += ["", "## Probe scores (frozen features, val split)", ""]
-    probes = card.get("probes") or {}
-    scores = {k: v for k, v in probes.items() if isinstance(v, (int, float)) and "/" in k}
-    if scores:
-        lines += [
-            f"Measured at step {probes.get('step', '?')} on {probes.get('val_samples', '?')} val images with "
-            f"{probes.get('train_samples', '?')} train images as the kNN bank / linear-probe fit set.",
-            "",
-            "| label | kNN accuracy | linear probe accuracy | chance (majority class) |",
-            "|---|---|---|---|",
-        ]
-        for label in sorted({k.split("/", 1)[1] for k in scores}):
-            cells = [probes.get(f"{kind}/{label}") for kind in ("knn", "linear", "majority")]
-            lines.append(f"| {label} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
-    else:
-        lines.append("No probe was run (the run stopped before its end-of-training probe).")
+    lines += probe_section(card)
     lines += [
         "",
         "## Intended use",
@@ -252,6 +246,61 @@ def model_card(card: dict[str, Any], encoder_name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def probe_section(card: dict[str, Any]) -> list[str]:
+    """The card's probe scores: header labels (marked when a task trained on them) and the downstream cohort."""
+    from radpretrain.pretrain.probe import COHORT, is_cohort_score
+
+    lines = ["", "## Probe scores (frozen features)", ""]
+    probes = card.get("probes") or {}
+    marks = card.get("probe_labels") or {}
+    if "step" not in probes:
+        return [*lines, "No probe was run (the run stopped before its end-of-training probe)."]
+    scores = {k: v for k, v in probes.items() if isinstance(v, (int, float)) and "/" in k}
+    header = {k: v for k, v in scores.items() if not is_cohort_score(k)}
+    if header:
+        lines += [
+            f"Header labels of the val split, measured at step {probes['step']} on {probes.get('val_samples', '?')} "
+            f"val images with {probes.get('train_samples', '?')} train images as the kNN bank / linear-probe fit set.",
+            "",
+            "| label | kNN accuracy | linear probe accuracy | chance (majority class) | trained on by this run |",
+            "|---|---|---|---|---|",
+        ]
+        for label in sorted({k.split("/", 1)[1] for k in header}):
+            cells = [probes.get(f"{kind}/{label}") for kind in ("knn", "linear", "majority")]
+            trained = "yes" if (marks.get(label) or {}).get("trained_on") else "no"
+            lines.append(
+                f"| {label} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + f" | {trained} |"
+            )
+        if any((marks.get(label) or {}).get("trained_on") for label in marks):
+            lines += [
+                "",
+                "A pretext task of this run learned to predict the labels marked trained on: their scores measure "
+                "that training, not transfer. Compare pretext tasks on labels none of them saw (`probe.cohort`).",
+            ]
+    if any(is_cohort_score(k) for k in scores):
+        name = (marks.get(COHORT) or {}).get("name") or "cohort"
+        classes = probes.get("cohort_classes")
+        chance = f"{1 / classes:.3f}" if isinstance(classes, (int, float)) and classes else "1/classes"
+        lines += [
+            "",
+            f"Downstream cohort `{name}` (no pretext task saw it): {probes.get('cohort_cases', '?')} images of "
+            f"{probes.get('cohort_patients', '?')} patients, {classes} classes, scored by patient-level "
+            f"{probes.get('cohort_folds', '?')}-fold cross-validation at step {probes['step']}.",
+            "",
+            f"| probe | AUROC | balanced accuracy (chance {chance}) |",
+            "|---|---|---|",
+        ]
+        for kind, title in (("knn", "kNN"), ("linear", "logistic regression")):
+            cells = [probes.get(f"{kind}_{metric}/{COHORT}") for metric in ("auroc", "balanced_accuracy")]
+            lines.append(f"| {title} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    note = card.get("probe_note")
+    if not scores:
+        lines.append(note or "No probe label had two classes among the probed images: nothing was scored.")
+    elif note:
+        lines += ["", f"Note: {note}."]
+    return lines
 
 
 def _as_int(value: Any) -> int:

@@ -38,6 +38,9 @@ class EncoderConfig:
 
     name: str = "resnet18"
     options: dict[str, Any] = field(default_factory=dict)
+    #: Start from existing weights instead of a random initialisation: an exported radpretrain encoder, a
+    #: timm / Hugging Face model folder or a bare safetensors file (models.weights.init_encoder_from).
+    init: Path | None = None
 
 
 @dataclass
@@ -70,17 +73,28 @@ class OptimConfig:
 
 @dataclass
 class ProbeConfig:
-    """Frozen-feature kNN and linear probes of the encoder on the val split's header labels."""
+    """Frozen-feature kNN and linear probes of the encoder: the val split's header labels and a labeled cohort.
+
+    Header labels a task of the run trains on (the `metadata` task's labels) measure that training, not
+    transfer; `cohort` is the fair comparison: a labeled classification cohort (what `radpretrain finetune`
+    accepts) that no pretext task sees, scored by patient-level cross-validation (AUROC, balanced accuracy).
+    """
 
     labels: list[str] = field(default_factory=lambda: ["body_part", "age_bucket"])
     train_samples: int = 2000
     val_samples: int = 1000
     k: int = 20
     batch_size: int = 64
+    #: A labeled 2D classification cohort (folder or CSV) for the downstream probe; None: header labels only.
+    cohort: Path | None = None
+    #: Patient-level cross-validation folds of the cohort probe (fewer when the cohort has fewer patients).
+    folds: int = 5
 
     def validate(self) -> None:
         if self.train_samples < 1 or self.val_samples < 1 or self.k < 1 or self.batch_size < 1:
             raise ConfigError("probe.train_samples, probe.val_samples, probe.k and probe.batch_size must be >= 1")
+        if self.folds < 2:
+            raise ConfigError(f"probe.folds must be >= 2 (patient-level cross-validation), got {self.folds}")
         from radpretrain.registry import did_you_mean
         from radpretrain.shards.format import LABEL_NAMES
 
@@ -139,5 +153,6 @@ class PretrainConfig:
             )
 
 
-#: Keys whose change makes a checkpoint meaningless for a run; `resume` refuses to mix them.
+#: Keys whose change makes a checkpoint meaningless for a run; `resume` refuses to mix them (`encoder` is
+#: compared whole: name, options and init).
 RESUME_FIXED = ("encoder", "tasks", "task_options", "data.image_size", "optim.name")

@@ -22,7 +22,7 @@ from radpretrain import files
 from radpretrain.config import save_config, to_dict
 from radpretrain.errors import ConfigError, NonFiniteLossError, ShardError
 from radpretrain.pretrain import checkpoint as ckpt
-from radpretrain.pretrain import distributed, stream
+from radpretrain.pretrain import distributed, monitor, stream
 from radpretrain.pretrain.config import RESUME_FIXED, PretrainConfig
 from radpretrain.shards.format import MANIFEST, ShardSet
 
@@ -96,10 +96,15 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     # Same seed everywhere for identical initial weights; per-process seeds for the training RNG afterwards.
     set_seed(cfg.seed)
     encoder = build_encoder(cfg.encoder.name, img_size=cfg.data.image_size, **cfg.encoder.options)
+    if cfg.encoder.init is not None and existing is None:  # a resumed run's weights come from its checkpoint
+        init_encoder(encoder, cfg.encoder.init, main)
     check_encoder(encoder, cfg)
+    # Before the objective: momentum encoders copy the encoder's (initial) weights when they are built.
     objective = build_objective(encoder, cfg.tasks, cfg.task_options, vocab)
     model = PretrainModel(encoder, objective)
     model = distributed.sync_batchnorm(model, cfg.sync_bn, accelerator)  # before DDP wraps it
+    cohort = build_cohort_probe(cfg, accelerator.process_index, accelerator.num_processes)  # bad cohorts fail now
+    trained = trained_labels(objective)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.seed, device_specific=True)
@@ -177,14 +182,13 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
             if not all(math.isfinite(v) for v in guarded.values()):
                 raise NonFiniteLossError(state.step + 1, terms)
 
-            # --- update.
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            # --- update: a step the fp16 scaler skipped is no step (schedule and momentum encoders stay put).
             state.images += per_step
-            unwrapped.objective.after_step(unwrapped.encoder, state.step, cfg.steps)
+            stepped = apply_update(accelerator, optimizer, unwrapped, state, cfg.steps)
             session_done = cfg.stop_after > 0 and state.step - first_step >= cfg.stop_after
             stopping = state.step < cfg.steps and (signalled or session_done)
+            if not stepped and not stopping:
+                continue  # the same step again on the next batch: logs, checkpoints and probes follow steps
 
             # --- log.
             if state.step % cfg.log_every == 0 or state.step == cfg.steps or stopping:
@@ -210,15 +214,15 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
             # --- probe: frozen-feature kNN / linear scores on the val split.
             if (cfg.probe_every and state.step % cfg.probe_every == 0) or state.step == cfg.steps:
                 paused = True
-                probe = run_probe(accelerator, unwrapped.encoder, cfg, shards, state.step)
+                probe = run_probe(accelerator, unwrapped.encoder, cfg, shards, state.step, cohort)
                 if main:
                     summary.setdefault("probes", []).append(probe)
-                    write_summary(run_dir, cfg, shards.manifest, state, summary, probe)
+                    write_summary(run_dir, cfg, shards.manifest, state, summary, probe, trained)
                 accelerator.log({f"probe/{k}": v for k, v in probe.items() if "/" in k}, step=state.step)
             if paused and tick_step == state.step:
                 tick = time.perf_counter()  # images/s measures training, not checkpoints and probes
     if main:
-        write_summary(run_dir, cfg, shards.manifest, state, summary, probe)
+        write_summary(run_dir, cfg, shards.manifest, state, summary, probe, trained)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: last
     # Any process may have received the signal; the all-reduced flag stopped them all.
@@ -282,17 +286,54 @@ def check_resume(cfg: PretrainConfig, run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+#: Parameters never decayed, whichever module holds them: position embeddings and learned tokens (ViT class,
+#: register and distillation tokens, MAE mask tokens), as in the ViT, MAE and DINO recipes.
+NO_DECAY_PATTERNS = ("*pos_embed", "*cls_token", "*reg_token", "*dist_token", "*mask_token")
+
+
 def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW or LARS; norms and biases are not decayed (timm's grouping)."""
+    """AdamW or LARS; norms, biases, position embeddings and tokens are not decayed (timm's grouping)."""
     from timm.optim import param_groups_weight_decay
 
-    groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_weight_decay(model))
     if cfg.optim.name == "lars":
         from lightly.utils.lars import LARS
 
         return LARS(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     beta1, beta2 = cfg.optim.betas
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(beta1, beta2), weight_decay=cfg.optim.weight_decay)
+
+
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Names (fnmatch patterns) of parameters kept out of weight decay, as they appear in `model`.
+
+    Every submodule's own `no_weight_decay()` (timm's ViT: pos_embed, cls_token, dist_token) is prefixed with
+    its place in `model` (e.g. `encoder.pos_embed`); NO_DECAY_PATTERNS catch the same kinds of parameter in
+    modules that do not declare them (lightly's MAE decoder and its mask token).
+    """
+    names = set(NO_DECAY_PATTERNS)
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names |= {f"{prefix}.{name}" if prefix else str(name) for name in declared()}
+    return names
+
+
+def apply_update(accelerator: Any, optimizer: Any, model: PretrainModel, state: ckpt.TrainState, steps: int) -> bool:
+    """Step the optimiser; count the step and update the momentum encoders only if the optimiser really stepped.
+
+    Under fp16 the gradient scaler skips a step whose gradients overflowed (and lowers its scale); that step
+    must not move the schedule (a function of `state.step`) or the momentum encoders, so it is counted in
+    `state.skipped` and the step is done again on the next batch.
+    """
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.optimizer_step_was_skipped:
+        state.skipped += 1
+        return False
+    state.step += 1
+    model.objective.after_step(model.encoder, state.step, steps)
+    return True
 
 
 def learning_rate(step: int, cfg: PretrainConfig) -> float:
@@ -311,15 +352,41 @@ def learning_rate(step: int, cfg: PretrainConfig) -> float:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def run_probe(
-    accelerator: Any, encoder: nn.Module, cfg: PretrainConfig, shards: ShardSet, step: int
-) -> dict[str, float]:
-    """kNN and linear probe scores of `encoder` (whole images at the stored window); every process calls it."""
-    from radpretrain.pretrain.monitor import run_probes
+def init_encoder(encoder: nn.Module, path: Path, main: bool) -> None:
+    """Load `encoder.init` weights into the new encoder (the one loader finetuning uses too)."""
+    from radpretrain.models.weights import init_encoder_from
 
+    info = init_encoder_from(encoder, path)
+    if main:
+        log.info("encoder starts from %s (%s, %d tensors)", Path(path).name, info["format"], info["tensors"])
+
+
+def build_cohort_probe(cfg: PretrainConfig, rank: int, world: int) -> Any:
+    """The downstream cohort probe of `probe.cohort` (loaded and checked now, before training), or None."""
+    p = cfg.probe
+    if p.cohort is None:
+        return None
+    from radpretrain.pretrain.probe import CohortProbe
+
+    return CohortProbe(
+        p.cohort, cfg.data.image_size, folds=p.folds, k=p.k, batch_size=p.batch_size, rank=rank, world=world
+    )
+
+
+def trained_labels(objective: nn.Module) -> list[str]:
+    """The header labels some task of the run learns to predict (their probes are marked trained_on)."""
+    tasks: Any = getattr(objective, "tasks", {})
+    return sorted({label for task in tasks.values() for label in task.trained_labels()})
+
+
+def run_probe(
+    accelerator: Any, encoder: nn.Module, cfg: PretrainConfig, shards: ShardSet, step: int, cohort: Any = None
+) -> dict[str, float]:
+    """kNN and linear probe scores of `encoder` (whole images at the stored window, and the cohort probe's
+    cross-validated AUROC and balanced accuracy when there is one); every process calls it."""
     vocab = shards.vocab
     with stream.RngScope(stream.derive_seed(cfg.seed, step, 3)):
-        scores = run_probes(
+        scores = monitor.run_probes(
             accelerator,
             encoder,
             lambda split: stream.probe_batches(shards, split, cfg, vocab),
@@ -330,9 +397,11 @@ def run_probe(
             k=cfg.probe.k,
             image_key=stream.PROBE_VIEW,
         )
+        if cohort is not None:
+            scores.update(cohort.score(accelerator, encoder))
     scores["step"] = step
     if accelerator.is_main_process:
-        shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k.startswith(("knn/", "linear/")))
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k.startswith(("knn", "linear")))
         log.info("probe at step %d: %s", step, shown)
     return scores
 
@@ -366,19 +435,32 @@ def write_summary(
     state: ckpt.TrainState,
     summary: dict[str, Any],
     probe: dict[str, float],
+    trained: Iterable[str] = (),
 ) -> None:
-    """RUN/summary.json: what was trained on (counts only), how far, and the probe scores over time."""
+    """RUN/summary.json: what was trained on (counts only), how far, and the probe scores over time.
+
+    `probe_labels` marks each probe label a task of the run trained on (`trained_on`: its scores measure
+    that training, not transfer); `probe_note` says when a probe label could not be scored.
+    """
     summary.update(
         {
             "encoder": cfg.encoder.name,
+            "init": Path(cfg.encoder.init).name if cfg.encoder.init is not None else None,
             "tasks": cfg.tasks,
             "step": state.step,
             "images_seen": state.images,
+            "skipped_steps": state.skipped,
             "data": data_summary(manifest),
+            "probe_labels": monitor.probe_labels(cfg.probe.labels, trained, cfg.probe.cohort),
         }
     )
     if probe:
         summary["probe"] = probe
+        note = monitor.probe_note(cfg.probe.labels, probe)
+        if note:
+            summary["probe_note"] = note
+        else:
+            summary.pop("probe_note", None)  # an earlier probe's note (resumed run)
     files.write_text(run_dir / ckpt.SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
 
 

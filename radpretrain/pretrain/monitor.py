@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,23 +50,30 @@ def collect_features(
     return features, {name: (np.concatenate(v) if v else np.zeros(0, np.int64)) for name, v in ys.items()}
 
 
-def knn_accuracy(bank: np.ndarray, bank_y: np.ndarray, query: np.ndarray, query_y: np.ndarray, *, k: int) -> float:
-    """Top-1 accuracy of a k-nearest-neighbour vote (cosine distance) with the bank as neighbours."""
+def knn_classifier(k: int, bank_size: int) -> Any:
+    """The probes' k-nearest-neighbour vote (cosine distance), unfitted; k is capped at the bank size."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    knn = KNeighborsClassifier(n_neighbors=min(k, len(bank)), metric="cosine", algorithm="brute")
-    return float(knn.fit(bank, bank_y).score(query, query_y))
+    return KNeighborsClassifier(n_neighbors=max(1, min(k, bank_size)), metric="cosine", algorithm="brute")
 
 
-def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> float:
-    """Accuracy of a logistic regression on standardised frozen features (fit on train, scored on val)."""
+def linear_classifier() -> Any:
+    """The probes' logistic regression on standardised frozen features, unfitted."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=1.0))
-    model.fit(train_x, train_y)
-    return float(model.score(val_x, val_y))
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=1.0))
+
+
+def knn_accuracy(bank: np.ndarray, bank_y: np.ndarray, query: np.ndarray, query_y: np.ndarray, *, k: int) -> float:
+    """Top-1 accuracy of a k-nearest-neighbour vote (cosine distance) with the bank as neighbours."""
+    return float(knn_classifier(k, len(bank)).fit(bank, bank_y).score(query, query_y))
+
+
+def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> float:
+    """Accuracy of a logistic regression on standardised frozen features (fit on train, scored on val)."""
+    return float(linear_classifier().fit(train_x, train_y).score(val_x, val_y))
 
 
 def probe_scores(
@@ -134,3 +142,31 @@ def run_probes(
     scores["train_samples"] = len(parts["train"][0])
     scores["val_samples"] = len(parts["val"][0])
     return scores
+
+
+def probe_labels(labels: Sequence[str], trained: Iterable[str], cohort: str | Path | None) -> dict[str, dict[str, Any]]:
+    """{label: {"trained_on": bool}} for every probe of a run, plus {"cohort": {"trained_on": False, "name"}}.
+
+    A probe label some task of the run learned to predict (`trained`) measures that training, not transfer;
+    the cohort is never seen by a pretext task. Only the cohort's folder or file name is kept, never its path.
+    """
+    trained = set(trained)
+    marks: dict[str, dict[str, Any]] = {name: {"trained_on": name in trained} for name in labels}
+    if cohort is not None:
+        from radpretrain.pretrain.probe import COHORT
+
+        marks[COHORT] = {"trained_on": False, "name": Path(cohort).name}
+    return marks
+
+
+def probe_note(labels: Sequence[str], probe: Mapping[str, Any]) -> str | None:
+    """Why some of `labels` have no score in `probe` (fewer than two classes among the probed images), or None."""
+    unscored = [name for name in labels if f"knn/{name}" not in probe]
+    if not unscored:
+        return None
+    if not any("/" in key for key in probe):
+        return (
+            f"no probe label has two classes among the probed images ({', '.join(unscored) or 'no labels'}): "
+            "nothing was scored; add a labeled cohort (probe.cohort=PATH) or probe shards with varied headers"
+        )
+    return f"not scored: {', '.join(unscored)} (fewer than two classes among the probed images)"

@@ -389,3 +389,23 @@ def test_nt_xent_gathers_negatives_across_two_processes() -> None:
     assert mean_of_ranks == pytest.approx(slow_nt_xent(z0, z1, 0.3).item(), rel=1e-5)
     local_only = NTXentLoss(temperature=0.3)(z0[:3], z1[:3]).item()
     assert out[0] != pytest.approx(local_only, rel=1e-3)  # the other process's samples were negatives
+
+
+def test_simclr_ntxent_runs_in_float32_under_bf16_autocast() -> None:
+    """The projections reach NT-Xent in float32 and its logits are not recast: the loss is the float32 loss."""
+    torch.manual_seed(0)
+    encoder = build_encoder("test_resnet", img_size=32)
+    simclr = build_objective(encoder, {"simclr": 1.0}).tasks["simclr"]
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen["z0"], seen["z1"], seen["loss"] = inputs[0], inputs[1], output
+
+    simclr.criterion.register_forward_hook(record)
+    batch = {"view0": torch.randn(8, 1, 32, 32), "view1": torch.randn(8, 1, 32, 32)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = simclr(encoder, batch)
+    assert seen["z0"].dtype == seen["z1"].dtype == torch.float32
+    reference = NTXentLoss(temperature=0.1)(seen["z0"].detach(), seen["z1"].detach())  # float32, no autocast
+    assert out["loss"].dtype == torch.float32
+    torch.testing.assert_close(out["loss"].detach(), reference, rtol=1e-6, atol=1e-6)

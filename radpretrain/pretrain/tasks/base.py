@@ -52,6 +52,10 @@ class Task(nn.Module, metaclass=abc.ABCMeta):
     def after_step(self, encoder: nn.Module, step: int, total_steps: int) -> None:
         """Called after each optimiser step (momentum updates); most tasks do nothing."""
 
+    def trained_labels(self) -> tuple[str, ...]:
+        """The header labels (format.LABEL_NAMES) this task learns to predict; probes of them are not transfer."""
+        return ()
+
 
 TASKS: Registry[type[Task]] = Registry("task")
 

@@ -115,6 +115,9 @@ class Metadata(Task):
             # Persistent: the running counts resume with a checkpoint, so weights do not jump.
             self.register_buffer(f"counts_{label}", counts)
 
+    def trained_labels(self) -> tuple[str, ...]:
+        return tuple(self.options["labels"])
+
     def forward(self, encoder: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         features = encoder(batch[self.views[0]])
         out: dict[str, torch.Tensor] = {}

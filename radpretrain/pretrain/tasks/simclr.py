@@ -45,7 +45,10 @@ class SimCLR(Task):
     def forward(self, encoder: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # One encoder pass over both views: batch-norm statistics then cover 2B images, as in the paper.
         z = self.projection_head(encoder(torch.cat([batch["view0"], batch["view1"]])))
-        z0, z1 = z.chunk(2)
-        loss = self.criterion(z0, z1)
+        # NT-Xent in float32 even under autocast: bf16/fp16 logits of cosine similarities / 0.1 lose the small
+        # differences between negatives the softmax compares (autocast would recast float32 inputs of a matmul).
+        z0, z1 = z.float().chunk(2)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            loss = self.criterion(z0, z1)
         cosine = nn.functional.cosine_similarity(z0.detach(), z1.detach(), dim=1).mean()
         return {"loss": loss, "pos_cosine": cosine}
