@@ -96,7 +96,7 @@ def describe_readers(shards: int, processes: int, workers: int) -> str:
     parts = -(-readers // shards)
     return (
         f"{shards} train shard(s) feed up to {shards} readers whole; {readers} read them ({layout}), so they "
-        f"split samples: each reader takes every {parts}th sample of its shard(s)"
+        f"split samples: each reader takes one in {parts} samples of its shard(s)"
     )
 
 

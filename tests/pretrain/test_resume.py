@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from radpretrain.files import temp_path
 from radpretrain.pretrain.checkpoint import CHECKPOINT, STATE_FILE, find_checkpoint
 from radpretrain.pretrain.config import PretrainConfig
 from radpretrain.pretrain.loop import pretrain
+from radpretrain.shards.format import ShardSet
 
 MakeConfig = Callable[..., PretrainConfig]
 
@@ -22,11 +24,34 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resumed_run_repeats_the_uninterrupted_run(make_config: MakeConfig, tmp_path: Path, workers: int) -> None:
+@pytest.fixture(scope="module")
+def one_shard(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny archive again with all its train samples in one shard: 2 loader workers then split its samples."""
+    from radpretrain.shards.plan import ShardConfig
+    from radpretrain.shards.run import shard
+
+    root = tmp_path_factory.mktemp("one-shard")
+    config = ShardConfig(size=64, shard_size=1000, val_fraction=0.2, test_fraction=0.1)
+    shard(tiny_shards.parent / "src", root / "shards", config, key=tiny_shards.parent / "deid.key", progress=False)
+    assert len(ShardSet.open(root / "shards").urls("train")) == 1
+    return root / "shards"
+
+
+@pytest.mark.parametrize("workers, split_samples", [(0, False), (1, False), (2, True)])
+def test_resumed_run_repeats_the_uninterrupted_run(
+    make_config: MakeConfig,
+    tmp_path: Path,
+    workers: int,
+    split_samples: bool,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # 16-sample batches of ~140 train samples: the 14 steps cross an epoch boundary, the stop at 5 is mid-epoch.
-    # patch_ae draws its masks from the training RNG, which the checkpoint must restore too.
+    # patch_ae draws its masks from the training RNG, which the checkpoint must restore too. With
+    # `split_samples`, one train shard for two loader workers: each reads every other sample of it.
+    shards = [f"data.shards={request.getfixturevalue('one_shard')}"] if split_samples else []
     common = [
+        *shards,
         "steps=14",
         "data.batch_size=16",
         f"data.workers={workers}",
@@ -36,7 +61,11 @@ def test_resumed_run_repeats_the_uninterrupted_run(make_config: MakeConfig, tmp_
         "task_options={patch_ae: {patch_size: 8}}",
     ]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    pretrain(make_config(*common, out=whole))
+    with caplog.at_level(logging.INFO, logger="radpretrain.pretrain.stream"):
+        pretrain(make_config(*common, out=whole))
+    if split_samples:  # the start-up line says how many readers the shards feed whole, and that samples are split
+        assert "1 train shard(s) feed up to 1 readers whole; 2 read them" in caplog.text
+        assert "split samples: each reader takes one in 2 samples of its shard(s)" in caplog.text
     first = pretrain(make_config(*common, "stop_after=5", out=parts))
     assert first.step == 5 and first.stopped_by is None
     assert json.loads((parts / "checkpoint" / STATE_FILE).read_text())["step"] == 5
@@ -53,6 +82,9 @@ def test_resumed_run_repeats_the_uninterrupted_run(make_config: MakeConfig, tmp_
     keys_a = read_jsonl(whole / "samples-rank0.jsonl")
     assert keys_a == read_jsonl(parts / "samples-rank0.jsonl")
     assert len({k for line in keys_a for k in line["keys"]}) < 14 * 16  # the second epoch repeats samples
+    if split_samples:  # the saved position names the reader count that fixed the split
+        saved = json.loads((parts / "checkpoint" / STATE_FILE).read_text())["positions"]
+        assert [p["readers"] for p in saved] == [2]
     # and the same weights and probe scores at the end
     wa, wb = (
         load_file(str(whole / "checkpoint/model.safetensors")),
