@@ -89,11 +89,13 @@ def start_position(
 
 def describe_readers(shards: int, processes: int, workers: int) -> str:
     """The start-up line on the data: how many readers the train shards feed whole, and how this run reads them."""
+    from radpretrain.shards.reader import parts_per_shard
+
     readers = processes * workers
     layout = f"{processes} process(es) x {workers} loader worker(s)"
-    if readers <= shards:
+    parts = parts_per_shard(shards, readers)
+    if parts == 1:
         return f"{shards} train shard(s) feed up to {shards} readers whole; {readers} read them ({layout})"
-    parts = -(-readers // shards)
     return (
         f"{shards} train shard(s) feed up to {shards} readers whole; {readers} read them ({layout}), so they "
         f"split samples: each reader takes one in {parts} samples of its shard(s)"

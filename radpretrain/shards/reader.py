@@ -147,7 +147,7 @@ class ReadState:
             return
         if self.passed:
             raise ShardError(
-                f"this loader's share of the shards holds no sample ({self.passed} belong to other readers): the "
+                f"this reader's share of the shards holds no sample ({self.passed} belong to other readers): the "
                 "shards hold fewer samples than there are readers (processes x loader workers); use fewer loader "
                 "workers or processes, or add data"
             )
@@ -173,12 +173,17 @@ def reader_share(urls: Sequence[str], rank: int, world: int, worker: int, worker
     dealt out the same way, so every reader gets at least one part and every sample falls to one reader.
     The share depends on nothing but the shard list and the reader layout: the same in every epoch.
     """
-    readers = world * workers
-    if len(urls) >= readers:
+    parts = parts_per_shard(len(urls), world * workers)
+    if parts == 1:
         return [(url, 0, 1) for url in urls[rank::world][worker::workers]]
-    parts = -(-readers // len(urls))
     dealt = [(url, index, parts) for index in range(parts) for url in urls]  # part-major: a node gets all parts
     return dealt[rank::world][worker::workers]
+
+
+def parts_per_shard(shards: int, readers: int) -> int:
+    """Into how many parts `reader_share` cuts each shard: 1 (whole shards) when the shards are as many as the
+    readers or more, else ceil(readers / shards)."""
+    return 1 if shards >= readers else -(-readers // shards)
 
 
 def reader_layout(workers: int) -> tuple[int, int, int]:
