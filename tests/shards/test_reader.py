@@ -231,3 +231,34 @@ def test_a_reader_with_an_empty_share(shards: Path, monkeypatch: pytest.MonkeyPa
     assert _keys(reader.build_pipeline(urls, shuffle=0)) == []  # one pass: nothing left for it, quietly
     with pytest.raises(ShardError, match="fewer samples than there are readers"):
         list(reader.build_pipeline(urls, shuffle=0, epoch_len=5))  # an endless stream cannot fill its epochs
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("zipped", [False, True])
+def test_parts_read_what_tarfile_reads(tmp_path: Path, fmt: int, zipped: bool) -> None:
+    """Headers the quick parser of parts does not know (long names, directories, pax) go to tarfile: the parts
+    together hold exactly the members of the whole shard, in order, whatever the tar format or compression."""
+    path = tmp_path / ("mixed.tar.gz" if zipped else "mixed.tar")
+    with tarfile.open(path, "w:gz" if zipped else "w", format=fmt) as tar:
+        for i in range(7):
+            if i == 5:  # after the long name, so the quick parser meets the ustar prefix itself
+                folder = tarfile.TarInfo("folder")
+                folder.type = tarfile.DIRTYPE
+                tar.addfile(folder)
+            # over 100 characters: a ustar prefix, a GNU long-name header or a pax header
+            key = f"{'folder' * 10}/{'long' * 20 if i == 4 else 'key'}{i}"
+            for ext in ("json", "png"):
+                data = f"{key}.{ext}".encode() * (i + 1)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as stream:
+        whole = list(reader.tar_members(stream))
+    assert len(whole) == 14
+    for count in (2, 3):
+        parts = []
+        for index in range(count):
+            with open(path, "rb") as stream:
+                parts.append(list(reader.tar_members(stream, (index, count))))
+        assert sorted(m for p in parts for m in p) == sorted(whole)
+        assert parts[0][:2] == whole[:2] and parts[1][:2] == whole[2:4]  # sample 0 to part 0, sample 1 to part 1
