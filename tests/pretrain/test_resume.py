@@ -110,3 +110,25 @@ def test_find_checkpoint_survives_a_crash_between_renames(tmp_path: Path) -> Non
     new.mkdir()
     (new / STATE_FILE).write_text('{"step": 8}')
     assert find_checkpoint(tmp_path) == new
+
+
+def test_another_reader_count_restarts_the_data_at_a_new_epoch(
+    make_config: MakeConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Which reader takes which shard or sample follows from the reader count: a saved position made with
+    another count cannot be replayed, so the stream starts the next epoch (and says so)."""
+    from radpretrain.pretrain.stream import BatchStream
+
+    cfg = make_config("data.workers=2")
+    urls = ShardSet.open(cfg.data.shards).urls("train")  # type: ignore[arg-type]
+
+    def stream(position: dict[str, int]) -> BatchStream:
+        return BatchStream(urls, lambda seed: dict, cfg, 0, torch.device("cpu"), position)
+
+    assert stream({"epoch": 3, "batches": 5, "readers": 2}).position() == {"epoch": 3, "batches": 5, "readers": 2}
+    # a checkpoint from before the reader count was saved: kept as it is
+    assert stream({"epoch": 3, "batches": 5}).position() == {"epoch": 3, "batches": 5, "readers": 2}
+    with caplog.at_level(logging.WARNING):
+        other = stream({"epoch": 3, "batches": 5, "readers": 4})
+    assert other.position() == {"epoch": 4, "batches": 0, "readers": 2}
+    assert "read its shards with 4 readers and now has 2" in caplog.text
