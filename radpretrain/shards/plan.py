@@ -44,7 +44,7 @@ class ShardConfig:
     def validate(self) -> None:
         if self.size < 8:
             raise ConfigError(f"size must be at least 8 pixels, got {self.size}")
-        if self.shard_size != "auto" and (isinstance(self.shard_size, bool) or self.shard_size < 0):
+        if self.shard_size != "auto" and self.shard_size < 0:
             raise ConfigError(f"shard size must be at least 1 file (or auto), got {self.shard_size}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
