@@ -2,6 +2,7 @@
 
     python bench/loader.py            # 100 radiographs of 2500 x 2000 (12-bit) + 24 compressed ones
     python bench/loader.py --quick    # 30 + 8
+    python bench/loader.py --quick --split-only    # only whole shards vs split samples
 
 What is compared, on the same synthetic radiographs (`radpretrain.synth.archive.generate`), each producing
 batches of 32 samples with two strong 224 px views (`radpretrain.data.transforms`, the loop's policy) and
@@ -11,7 +12,12 @@ the header labels through a DataLoader in this one process (one thread: torch, c
 - per-file DICOM: a map-style Dataset whose `__getitem__` opens the file with pydicom, decodes it,
   applies the modality LUT (and MONOCHROME1 inversion) and makes the same two views from the full-size
   image (what a training script does without shards), once on uncompressed files and once on the
-  compressed syntaxes archives often hold (RLE, JPEG-LS, JPEG 2000 lossless, deflate).
+  compressed syntaxes archives often hold (RLE, JPEG-LS, JPEG 2000 lossless, deflate);
+- whole shards vs split samples (issue 16): the same shards read by 1 reader taking every shard whole, and by
+  --split-readers readers per shard each taking one in that many samples of one shard (what readers do when the
+  shards are fewer than processes x loader workers: the others' members are passed by, headers only). The
+  readers run one after another in this process, so "per core" is the total samples/s per reader-core; once
+  with the two views (the loop's work per sample) and once decoding only (reading weighs most there).
 "Per core" is samples per CPU-second of this process. Every file is read once before timing (page cache).
 Each contender runs REPEATS times, alternating, and its fastest run counts (all runs are printed): single
 runs on a shared machine differ by 10 %.
@@ -20,12 +26,13 @@ runs on a shared machine differ by 10 %.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +43,11 @@ CODECS = ("png", "blosc2")
 REPEATS = 2
 TARGET_PER_CORE = 150.0  # two-view samples per CPU-second from shards
 TARGET_RATIO = 20.0  # shards per core / per-file uncompressed DICOM per core
+TARGET_SPLIT_COST = 0.05  # split samples: at most 5 % more CPU per sample than whole shards
 COMPRESSED = ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "DeflatedExplicitVRLittleEndian"]
 BATCH = 32
 VIEW_SIZE = 224
+WORKS = ("two views", "decode only")
 
 
 @dataclass
@@ -59,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-samples", type=int, default=1000, help="samples read from shards (1000)")
     parser.add_argument("--quick", action="store_true", help="30 + 8 files, 300 shard samples")
     parser.add_argument("--workdir", help="where archives and shards go (default: a temp dir, removed after)")
+    parser.add_argument("--split-readers", type=int, default=4, help="readers per shard when samples are split (4)")
+    parser.add_argument("--split-only", action="store_true", help="only whole shards vs split samples")
     args = parser.parse_args(argv)
     if args.quick:
         args.files, args.compressed, args.shard_samples = 30, 8, 300
+    if args.split_readers < 2:
+        parser.error(f"--split-readers must be at least 2, got {args.split_readers}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
     import torch
@@ -72,16 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plain = synthesize(workdir / "plain", args.files, ["ExplicitVRLittleEndian"], seed=0)
         shards = {codec: make_shards(plain, workdir, codec) for codec in CODECS}
-        packed = synthesize(workdir / "compressed", args.compressed, COMPRESSED, seed=1) if args.compressed else None
-        contenders = {f"shards:{codec}": lambda c=codec: time_shards(shards[c], args.shard_samples) for codec in CODECS}
-        contenders["dicom"] = lambda: time_dicom(radiographs(plain), shards["png"])
-        if packed is not None:
-            contenders["dicom_compressed"] = lambda: time_dicom(radiographs(packed), shards["png"])
+        contenders: dict[str, Callable[[], Run]] = {}
+        if not args.split_only:
+            packed = None
+            if args.compressed:
+                packed = synthesize(workdir / "compressed", args.compressed, COMPRESSED, seed=1)
+            for codec in CODECS:
+                contenders[f"shards:{codec}"] = lambda c=codec: time_shards(shards[c], args.shard_samples)
+            contenders["dicom"] = lambda: time_dicom(radiographs(plain), shards["png"])
+            if packed is not None:
+                contenders["dicom_compressed"] = lambda: time_dicom(radiographs(packed), shards["png"])
+        for codec, work, per_shard in itertools.product(CODECS, WORKS, (1, args.split_readers)):
+            contenders[f"{'whole' if per_shard == 1 else 'split'}:{codec}:{work}"] = (
+                lambda c=codec, w=work, k=per_shard: time_readers(shards[c], k, w, args.shard_samples)
+            )
         runs: dict[str, list[Run]] = {name: [] for name in contenders}
         for _ in range(REPEATS):
             for name, run in contenders.items():
                 runs[name].append(run())
-        report(runs, {codec: sample_bytes(path) for codec, path in shards.items()})
+        if not args.split_only:
+            report(runs, {codec: sample_bytes(path) for codec, path in shards.items()})
+        report_split(runs, args.split_readers)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -152,6 +176,37 @@ def time_shards(shards: Path, samples: int) -> Run:
             yield from loader  # epochs until enough samples
 
     return timed(batches(), samples, "shards")
+
+
+def time_readers(shards: Path, per_shard: int, work: str, samples: int) -> Run:
+    """All train samples, passes until `samples`: one reader taking every shard whole (per_shard 1), or
+    per_shard readers per shard, one after another, each taking one in per_shard samples of its shard."""
+    from radpretrain.shards.format import ShardSet
+    from radpretrain.shards.reader import build_pipeline
+
+    urls = ShardSet.open(shards).urls("train")
+    prime(urls)
+    views = sample_fn(shards) if work == "two views" else None
+    readers = 1 if per_shard == 1 else len(urls) * per_shard  # more readers than shards: each takes one part
+    saved = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE")}
+    print(f"timing {work} from shards, {readers} reader(s) ({samples} samples) ...", flush=True)
+    done, wall, cpu = 0, time.perf_counter(), time.process_time()
+    try:
+        while done < samples:
+            for rank in range(readers):  # the reader layout comes from RANK / WORLD_SIZE, as under torchrun
+                os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(readers)
+                done += sum(1 for _ in build_pipeline(urls, shuffle=0, map_fn=views or _decoded))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return Run(done, time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def _decoded(sample: dict[str, Any]) -> dict[str, Any]:
+    return sample
 
 
 class DicomFiles:
@@ -245,6 +300,31 @@ def report(runs: dict[str, list[Run]], sizes: dict[str, float]) -> None:
                 f"| {label} | {run.samples} | {1000 / run.per_core:.2f} | {run.per_core:.1f} | "
                 f"{run.samples / run.wall:.1f} | - | - | - | - |"
             )
+
+
+def report_split(runs: dict[str, list[Run]], per_shard: int) -> None:
+    print()
+    print(
+        f"Whole shards (1 reader) vs split samples ({per_shard} readers per shard, each taking one in {per_shard} "
+        f"samples), total samples/s per reader-core, fastest of {REPEATS} runs, load average "
+        f"{os.getloadavg()[0]:.1f}:"
+    )
+    for name, each in runs.items():
+        if name.startswith(("whole:", "split:")):
+            print(f"  {name}: " + ", ".join(f"{run.per_core:.1f}" for run in each) + " samples/s per core")
+    print()
+    print(
+        f"| shards, work per sample | whole: samples/s per core | split: samples/s per core | cost per sample "
+        f"(<= {100 * TARGET_SPLIT_COST:.0f} %) |"
+    )
+    print("|---|---|---|---|")
+    for codec, work in itertools.product(CODECS, WORKS):
+        whole, split = fastest(runs[f"whole:{codec}:{work}"]), fastest(runs[f"split:{codec}:{work}"])
+        cost = whole.per_core / split.per_core - 1  # extra CPU per sample
+        print(
+            f"| {codec}, {work} | {whole.per_core:.1f} | {split.per_core:.1f} | {100 * cost:+.1f} % "
+            f"({'met' if cost <= TARGET_SPLIT_COST else 'not met'}) |"
+        )
 
 
 if __name__ == "__main__":

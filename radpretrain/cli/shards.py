@@ -263,7 +263,11 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         help="shrink images so the longest side is at most SIZE pixels (default 512; never upscaled)",
     )
     parser.add_argument(
-        "--shard-size", type=positive_int, default=1000, help="files per shard (unit of work; default 1000)"
+        "--shard-size",
+        type=_shard_size,
+        default="auto",
+        help="files per shard (unit of work), or auto (default): 100-1000, for at least 64 train shards when the "
+        "archive allows it, so that many readers (processes x loader workers) read whole shards",
     )
     parser.add_argument("--val", type=fraction, default=0.05, help="share of patients in val (default 0.05)")
     parser.add_argument("--test", type=fraction, default=0.05, help="share of patients in test (default 0.05)")
@@ -297,6 +301,11 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace shards (and index) made with other settings")
     parser.add_argument("--reindex", action="store_true", help="read the headers again instead of reusing the index")
     parser.set_defaults(func=_run_shard)
+
+
+def _shard_size(text: str) -> int | str:
+    """--shard-size: a positive number of files, or auto."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
 
 
 def _run_shard(args: argparse.Namespace) -> int:

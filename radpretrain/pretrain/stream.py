@@ -57,12 +57,16 @@ class RngScope:
 
 
 def train_urls(shards: ShardSet, processes: int) -> list[str]:
-    """The train split's shard urls; ShardError when there are fewer shards than processes to read them."""
+    """The train split's shard urls, for any number of processes: when the shards are fewer than the readers
+    (processes x loader workers), the readers split their samples (`shards.reader.reader_share`).
+
+    ShardError when the split holds fewer samples than processes, so some process could never read one.
+    """
     urls = shards.urls("train")
-    if len(urls) < processes:
+    if shards.samples("train") < processes:
         raise ShardError(
-            f"the train split has {len(urls)} shard(s) for {processes} processes; each process "
-            "reads its own shards, so re-shard with a smaller --shard-size or use fewer processes"
+            f"the train split has {shards.samples('train')} sample(s) for {processes} processes; "
+            "use fewer processes or add data"
         )
     return urls
 
@@ -83,10 +87,26 @@ def start_position(
     return {"epoch": max(p["epoch"] for p in positions) + 1, "batches": 0}
 
 
+def describe_readers(shards: int, processes: int, workers: int) -> str:
+    """The start-up line on the data: how many readers the train shards feed whole, and how this run reads them."""
+    from radpretrain.shards.reader import parts_per_shard
+
+    readers = processes * workers
+    layout = f"{processes} process(es) x {workers} loader worker(s)"
+    parts = parts_per_shard(shards, readers)
+    if parts == 1:
+        return f"{shards} train shard(s) feed up to {shards} readers whole; {readers} read them ({layout})"
+    return (
+        f"{shards} train shard(s) feed up to {shards} readers whole; {readers} read them ({layout}), so they "
+        f"split samples: each reader takes one in {parts} samples of its shard(s)"
+    )
+
+
 class BatchStream(Iterator[dict[str, torch.Tensor]]):
     """Endless batches of this process's train shards, one seeded epoch after another.
 
-    Epoch `e` shuffles with seeds derived from (seed, e, rank), so the position {"epoch", "batches"}
+    Epoch `e` shuffles with seeds derived from (seed, e, rank), and the reader count (processes x loader
+    workers) fixes which reader takes which shard or sample, so the position {"epoch", "batches", "readers"}
     fixes everything that follows; resuming reopens the epoch and skips the consumed batches.
     """
 
@@ -99,14 +119,30 @@ class BatchStream(Iterator[dict[str, torch.Tensor]]):
         device: torch.device,
         position: dict[str, int] | None = None,
     ) -> None:
+        from radpretrain.shards.reader import reader_layout
+
         self.urls, self.make_sample_fn, self.cfg, self.rank, self.device = urls, make_sample_fn, cfg, rank, device
+        _, world, self.readers = reader_layout(cfg.data.workers)
         self.epoch = position["epoch"] if position else 0
         self.batches = position["batches"] if position else 0
+        if position and position.get("readers", self.readers) != self.readers:
+            # Which reader takes which shard (or sample) follows from the reader count: the saved batches
+            # cannot be replayed with another one, so the data starts a new epoch.
+            log.warning(
+                "the run read its shards with %d readers and now has %d (processes x loader workers): data "
+                "restarts at a new epoch",
+                position["readers"],
+                self.readers,
+            )
+            self.epoch, self.batches = self.epoch + 1, 0
+        if rank == 0:
+            log.info("data: %s", describe_readers(len(urls), world, max(1, cfg.data.workers)))
         self._it: Iterator[Any] | None = None
         self._rng = RngScope(0)
 
     def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches}
+        """{"epoch", "batches", "readers"}: with the seed, what fixes every later batch of this process."""
+        return {"epoch": self.epoch, "batches": self.batches, "readers": self.readers}
 
     def gather_positions(self, accelerator: Any) -> list[dict[str, int]]:
         from accelerate.utils import gather_object

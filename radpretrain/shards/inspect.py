@@ -36,6 +36,9 @@ def composition_report(root: str | Path) -> str:
         size = sum(manifest.get("shard_bytes", {}).get(name, 0) for name in entry["shards"])
         split_parts.append(f"{split} {entry['samples']} ({len(entry['shards'])} shards, {_bytes(size)})")
     lines.append("split: " + ", ".join(split_parts))
+    train = len(manifest["splits"].get("train", {}).get("shards", []))
+    readers = f"readers: {train} train shard(s) feed up to {train} readers whole (processes x loader workers)"
+    lines.append(f"{readers}; more split samples")
     total = max(counts.get("samples", counts["written"]), 1)
     for name in COMPOSITION_FIELDS:
         values = manifest.get("composition", {}).get(name, {})

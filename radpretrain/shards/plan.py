@@ -17,6 +17,10 @@ from radpretrain.shards.format import PLAN_FILE, SCHEMA_VERSION, SPLITS, unit_na
 from radpretrain.shards.index import Index, IndexOptions
 
 DUPLICATE = "duplicate"
+#: The automatic shard size aims at this many train shards, so that many readers (processes x loader
+#: workers) each read whole shards, within the files per shard that keep shards neither tiny nor huge.
+AUTO_TRAIN_SHARDS = 64
+AUTO_SHARD_FILES = (100, 1000)
 
 
 @dataclass
@@ -24,7 +28,9 @@ class ShardConfig:
     """Everything that decides which sample lands in which shard; a rerun with another value is a new plan."""
 
     size: int = 512
-    shard_size: int = 1000
+    #: Files per shard: a number, or "auto" (also 0): 100-1,000, for at least 64 train shards when the archive
+    #: allows it (`auto_shard_size`).
+    shard_size: int | Literal["auto"] = "auto"
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     seed: int = 0
@@ -41,8 +47,8 @@ class ShardConfig:
     def validate(self) -> None:
         if self.size < 8:
             raise ConfigError(f"size must be at least 8 pixels, got {self.size}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard size must be at least 1 file, got {self.shard_size}")
+        if self.shard_size != "auto" and self.shard_size < 0:
+            raise ConfigError(f"shard size must be at least 1 file (or auto), got {self.shard_size}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -109,13 +115,12 @@ def make_plan(index: Index, config: ShardConfig, pseudonymize: deid.Pseudonymize
         seen_sops.add(row["sop"])
         by_split[split_of(row["patient"], config, pseudonymize)].append(row["file"])
     units: list[Unit] = []
+    shard_size = resolve_shard_size(config.shard_size, len(by_split["train"]))
     for split, files in by_split.items():
         # A global shuffle per split, so every shard mixes patients, body parts and sources.
         random.Random(f"{config.seed}:{split}").shuffle(files)
-        for number, start in enumerate(range(0, len(files), config.shard_size)):
-            units.append(
-                Unit(name=unit_name(split, number), split=split, files=files[start : start + config.shard_size])
-            )
+        for number, start in enumerate(range(0, len(files), shard_size)):
+            units.append(Unit(name=unit_name(split, number), split=split, files=files[start : start + shard_size]))
     config_dict = to_dict(config)
     identity = {
         "config": config_dict,
@@ -131,6 +136,23 @@ def make_plan(index: Index, config: ShardConfig, pseudonymize: deid.Pseudonymize
         not_planned=not_planned,
         files_seen=len(index.rows),
     )
+
+
+def resolve_shard_size(shard_size: int | str, train_files: int) -> int:
+    """Files per shard: an explicit number as given, "auto" (or 0) from the planned train file count."""
+    if shard_size in ("auto", 0):
+        return auto_shard_size(train_files)
+    return int(shard_size)
+
+
+def auto_shard_size(train_files: int) -> int:
+    """At least AUTO_TRAIN_SHARDS train shards when 100-1,000 files per shard allow it, else the nearest bound.
+
+    1,000 train files give shards of 100 (10 train shards), 10,000 give 156 (65), 500,000 give 1,000 (500):
+    a small archive still feeds several readers whole, a large one keeps shards big enough to read fast.
+    """
+    low, high = AUTO_SHARD_FILES
+    return min(high, max(low, train_files // AUTO_TRAIN_SHARDS))
 
 
 def read_plan(out: str | Path) -> dict[str, Any] | None:

@@ -63,7 +63,7 @@ def test_the_replay_bar_shows_only_when_a_resume_replays(
     assert pretrain(make_config(*common, f"stop_after={2 * per_epoch + 1}", out=run)).step == 2 * per_epoch + 1
     state = json.loads((run / CHECKPOINT / STATE_FILE).read_text())
     (position,) = state["positions"]
-    assert position == {"epoch": 2, "batches": 1}
+    assert position == {"epoch": 2, "batches": 1, "readers": 1}
     assert "replaying" not in capsys.readouterr().err
     assert not [r for r in caplog.records if "replaying" in r.getMessage()]
 

@@ -87,7 +87,7 @@ def test_parts_cover_the_plan_once() -> None:
     ("changes", "message"),
     [
         ({"size": 4}, "size"),
-        ({"shard_size": 0}, "shard size"),
+        ({"shard_size": -1}, "shard size"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "room for training"),
     ],
