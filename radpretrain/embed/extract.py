@@ -69,8 +69,9 @@ def embed_shards(
 ) -> dict[str, Any]:
     """Embed every sample of `urls` that falls to this process; returns its rows as column lists.
 
-    Node r of W and worker w of K read shards urls[r::W][w::K] once (the reader splits by node and
-    worker), so the processes together see each sample exactly once: no shuffle, no epoch repetition.
+    The reader gives each of the W x K readers (processes x loader workers) its share: whole shards when
+    there are enough, else every k-th sample of a shard (reader.reader_share), so the processes together see
+    each sample exactly once: no shuffle, no epoch repetition.
     Returns {"key": [...], "split": [...], <label>: [...], "embedding": float32 (n, F)}.
     """
     import torch

@@ -138,17 +138,16 @@ def embed(config: EmbedConfig) -> EmbedSummary:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    mine = len(urls[rank::world])
     workers = config.workers
-    if workers is None:
-        workers = min(max((os.cpu_count() or 1) // world, 1), mine)
+    if workers is None:  # the cores of this process; readers split samples when shards are fewer
+        workers = max((os.cpu_count() or 1) // world, 1)
     rows = extract.embed_shards(
         encoder,
         urls,
         image_size=size,
         accelerator=accelerator,
         batch_size=config.batch_size,
-        workers=min(workers, mine),
+        workers=workers,
         total=expected,
         progress=config.progress,
     )

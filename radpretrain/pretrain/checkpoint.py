@@ -29,8 +29,9 @@ ENCODER_PREFIX = "encoder."
 class TrainState:
     """What a checkpoint adds to accelerate's state: the step counter and the data position of each process.
 
-    `positions[rank]` is {"epoch": e, "batches": b}: process `rank` had consumed `b` micro-batches of its
-    data epoch `e`; with the epoch's order fixed by (seed, epoch, rank) that pins every later batch.
+    `positions[rank]` is {"epoch": e, "batches": b, "readers": n}: process `rank` had consumed `b`
+    micro-batches of its data epoch `e`, read by `n` readers (processes x loader workers); with the epoch's
+    order fixed by (seed, epoch, rank) and the readers' shares by `n`, that pins every later batch.
     `skipped` counts the optimiser steps the fp16 gradient scaler skipped (not counted in `step`).
     """
 
