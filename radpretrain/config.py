@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from radpretrain.errors import ConfigError
+from radpretrain.files import write_text
 from radpretrain.registry import did_you_mean
 
 C = TypeVar("C")
@@ -164,7 +165,7 @@ def _item_type(tp: Any, kind: type) -> Any:
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config next to a run's outputs."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

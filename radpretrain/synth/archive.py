@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from radpretrain.errors import ConfigError
+from radpretrain.files import write_text
 from radpretrain.shards.format import SCHEMA_VERSION
 from radpretrain.synth.phantoms import (
     BODY_PARTS,
@@ -362,9 +363,7 @@ def generate(
             writer.writeheader()
             writer.writerows(mask_rows)
     summary = SynthSummary(root=root, args=args, files=files, masks=mask_rows, phi=phi)
-    tmp = root / (SYNTH_JSON + ".tmp")
-    tmp.write_text(json.dumps(summary.to_json(), indent=1, ensure_ascii=False))
-    tmp.replace(root / SYNTH_JSON)
+    write_text(root / SYNTH_JSON, json.dumps(summary.to_json(), indent=1, ensure_ascii=False))
     (root / _PARTIAL).unlink()
     return summary
 
