@@ -15,6 +15,7 @@ from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid
 from radpretrain.shards.format import PLAN_FILE, SCHEMA_VERSION, SPLITS, unit_name
 from radpretrain.shards.index import Index, IndexOptions
+from radpretrain.shards.ocr import ScanMode, TextRules
 
 DUPLICATE = "duplicate"
 
@@ -34,6 +35,10 @@ class ShardConfig:
     #: (about 10x faster to decode, for CPU-bound training).
     codec: Literal["png", "blosc2"] = "png"
     index: IndexOptions = field(default_factory=IndexOptions)
+    #: Burned-in text screening (`shards.ocr`): off, images whose BurnedInAnnotation is absent ("unflagged"),
+    #: or all; an image whose text is more than `text_rules` allows is withheld.
+    scan_text: ScanMode = "off"
+    text_rules: TextRules = field(default_factory=TextRules)
 
     def validate(self) -> None:
         if self.size < 8:

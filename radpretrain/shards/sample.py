@@ -35,6 +35,8 @@ class WriterSettings:
     frame_rule: str = FRAME_RULE
     vocab: dict[str, list[str]] = field(default_factory=dict)
     codec: str = "png"
+    #: Burned-in text screening (`shards.ocr.TextScreen`); None when --scan-text is off.
+    text: Any = None
 
 
 def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -132,6 +134,7 @@ def file_samples(path: Path, row: dict[str, Any], split: str, settings: WriterSe
 
     window: tuple[float, float] | None = None
     spacing: tuple[float, float] | None = None
+    burned_flag = None  # BurnedInAnnotation: the text screen skips images whose header decides
     if row["kind"] == "image":
         try:
             frames = plain.read_grey(path)[None]
@@ -146,11 +149,14 @@ def file_samples(path: Path, row: dict[str, Any], split: str, settings: WriterSe
             raise SkipFile(str(exc)) from None
         window = dicom.window_from_header(ds)
         spacing = pixel_spacing(ds)
+        burned_flag = ds.get("BurnedInAnnotation")
     samples = []
     count = len(frames)
     for number, frame in enumerate(frames):
         resized = dicom.resize_longest(frame, settings.size)
         stored, offset = stored_pixels(resized)
+        if settings.text is not None:  # raises SkipFile when the pixels carry text that is not allowed
+            settings.text.screen(stored, row["file"], number, burned_flag)
         meta = sample_meta(row, split, stored, offset, frame.shape, spacing, window)
         deid.check_sample_meta(meta, settings.vocab)
         samples.append(
