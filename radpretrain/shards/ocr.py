@@ -36,12 +36,15 @@ DEFAULT_MARKERS = (
 )  # fmt: skip
 #: Characters an arrow drawn as text is made of (OCR reads drawn arrows as these too).
 ARROW_CHARS = frozenset("←→↑↓↖↗↘↙⇐⇒⇑⇓<>-=|^v")
+#: Round shapes (femoral heads, rings, ECG electrodes) are read as "O", "00", "0O": up to 3 of these pass.
+RING_CHARS = frozenset("0Oo")
 _EDGE_PUNCTUATION = ".,:;'\"`()[]{}*_~"
 
 
 @dataclass
 class TextRules:
-    """What text may stay in an image: markers, arrows and short tokens without digits; anything else withholds."""
+    """What text may stay in an image: markers, arrows, short tokens without digits and round shapes read as
+    "O" or "00"; anything else withholds."""
 
     markers: list[str] = field(default_factory=lambda: list(DEFAULT_MARKERS))
     #: Tokens up to this many characters without a digit pass (stray letters; "DOE" is 3).
@@ -61,7 +64,7 @@ class TextRules:
         markers = frozenset(m.upper() for m in self.markers)
         for raw in text.upper().split():
             token = raw.strip(_EDGE_PUNCTUATION)
-            if not token or set(token) <= ARROW_CHARS:
+            if not token or set(token) <= ARROW_CHARS or (len(token) <= 3 and set(token) <= RING_CHARS):
                 continue
             if token in markers or _marker_run(token, markers):
                 continue

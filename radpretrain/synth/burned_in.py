@@ -28,6 +28,7 @@ class BurnedIn:
     texts: list[str] = field(default_factory=list)  # every string drawn, markers included
     text_px: list[float] = field(default_factory=list)  # cap height of each string, in `image` pixels
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x0, y0, x1, y1) of each, in `image`
+    angles: list[float] = field(default_factory=list)  # rotation of each string in degrees (0: horizontal)
 
 
 def phi_lines(rng: np.random.Generator) -> list[str]:
@@ -91,6 +92,7 @@ def make_image(
         taken.append(box)
         result.texts.append(text)
         result.text_px.append(height)
+        result.angles.append(angle)
         result.boxes.append(tuple(v // scale for v in box))  # type: ignore[arg-type]
     if not any(t not in MARKERS for t in result.texts):
         result.phi = False  # nothing identifying fitted (never happens at the default sizes)

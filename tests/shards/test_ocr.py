@@ -151,9 +151,11 @@ def test_withheld_sheet_goes_to_the_private_folder_only(screened: dict[str, Any]
 
 def test_rules_pass_markers_arrows_and_short_tokens() -> None:
     rules = ShardConfig().text_rules
-    for text in ("L", "R", "PA", "AP ERECT", "LAT", "PORTABLE", "SUPINE", "PAERECT", "->", "Rt.", "ab", "←", ""):
+    passing = ("L", "R", "PA", "AP ERECT", "LAT", "PORTABLE", "SUPINE", "PAERECT", "->", "Rt.", "ab", "←", "", "00 O")
+    for text in passing:
         assert rules.allows(text), text
-    for text in ("DOE^JOHN", "JONAS JENSEN", "1931-04-17", "MRN 771234", "L2", "DOE", "14 MAR 2018", "ID:0045"):
+    withheld = ("DOE^JOHN", "JONAS JENSEN", "1931-04-17", "MRN 771234", "L2", "DOE", "14 MAR 2018", "ID:0045", "0000")
+    for text in withheld:
         assert not rules.allows(text), text
     custom = ocr.TextRules(markers=["l", "R", "STANDING"])
     custom.validate()
