@@ -47,7 +47,7 @@ class TextRules:
     "O" or "00"; anything else withholds."""
 
     markers: list[str] = field(default_factory=lambda: list(DEFAULT_MARKERS))
-    #: Tokens up to this many characters without a digit pass (stray letters; "DOE" is 3).
+    #: Tokens up to this many characters without a digit pass (stray letters; "DOE" is 3), and any single one.
     short_max: int = 2
     #: Recognitions below this confidence are noise (anatomy edges read as letters), not text.
     min_score: float = 0.5
@@ -68,8 +68,8 @@ class TextRules:
                 continue
             if token in markers or _marker_run(token, markers):
                 continue
-            if len(token) <= self.short_max and not any(c.isdigit() for c in token):
-                continue
+            if len(token) == 1 or (len(token) <= self.short_max and not any(c.isdigit() for c in token)):
+                continue  # one character (a stray digit, an image number) never identifies anyone
             return False
         return True
 
@@ -152,11 +152,23 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
         return Finding([], 0, detect_s, 0.0)
     started = time.perf_counter()
     crops = ocr.get_crop_img_list(image, list(boxes))
-    recognized, _ = ocr.text_rec(crops)
+    readings = [(str(text), float(score)) for text, score, *_ in ocr.text_rec(crops)[0]]
+    # Vertical text comes out of the crop turned one way (RapidOCR turns tall crops a quarter left), and a short
+    # vertical word ("LT") is not turned at all: where a crop is tall or its reading would withhold the image,
+    # read the other three turns too and keep the most confident reading.
+    retry = [
+        i
+        for i, (box, (text, score)) in enumerate(zip(boxes, readings, strict=True))
+        if _tall(box) or (score >= rules.min_score and not rules.allows(text))
+    ]
+    if retry:
+        turned = [np.ascontiguousarray(np.rot90(crops[i], k)) for i in retry for k in (1, 2, 3)]
+        others = [(str(text), float(score)) for text, score, *_ in ocr.text_rec(turned)[0]]
+        for n, i in enumerate(retry):
+            readings[i] = max([readings[i], *others[3 * n : 3 * n + 3]], key=lambda reading: reading[1])
     recognize_s = time.perf_counter() - started
     flagged = []
-    for box, result in zip(boxes, recognized, strict=True):
-        text, score = str(result[0]), float(result[1])
+    for box, (text, score) in zip(boxes, readings, strict=True):
         if score >= rules.min_score and not rules.allows(text):
             points = np.asarray(box, dtype=np.float64)
             x0, y0 = np.floor(points.min(axis=0)).astype(int)
@@ -167,6 +179,14 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
 
 #: `--scan-text` modes: scan nothing, only images whose header does not decide, or every image.
 ScanMode = Literal["off", "unflagged", "all"]
+
+
+def _tall(box: np.ndarray) -> bool:
+    """Whether a detected box stands upright (RapidOCR's rule for turning a crop: height >= 1.5 x width)."""
+    points = np.asarray(box, dtype=np.float64)
+    width = max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3]))
+    height = max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2]))
+    return bool(height >= 1.5 * max(width, 1.0))
 
 
 def header_decides(flag: Any) -> bool:
