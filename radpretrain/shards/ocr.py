@@ -184,9 +184,9 @@ ScanMode = Literal["off", "unflagged", "all"]
 def _tall(box: np.ndarray) -> bool:
     """Whether a detected box stands upright (RapidOCR's rule for turning a crop: height >= 1.5 x width)."""
     points = np.asarray(box, dtype=np.float64)
-    width = max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3]))
-    height = max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2]))
-    return bool(height >= 1.5 * max(width, 1.0))
+    width = float(max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3])))
+    height = float(max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2])))
+    return height >= 1.5 * max(width, 1.0)
 
 
 def header_decides(flag: Any) -> bool:
