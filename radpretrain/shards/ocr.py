@@ -1,14 +1,14 @@
-"""Burned-in text screening: OCR on the resized image withholds images whose text is more than allowed markers.
+"""Burned-in text screening: OCR on the resized image withholds images whose text is more than allowed markers."""
 
-Detection runs on the image the sharder already shrank (at 512 px: ~0.1-0.4 s on one core), recognition only
-inside the boxes it found (~30 ms a box), with `rapidocr-onnxruntime` (PP-OCRv4 models inside the wheel, so
-nothing is downloaded at run time). The recognised text decides and is dropped: only box coordinates of a
-withheld image are kept, in the private folder.
-"""
+# Detection runs on the image the sharder already shrank (512 px: ~0.1 s on one core), recognition only inside
+# the boxes it found, with rapidocr-onnxruntime (PP-OCRv4 models inside the wheel: nothing is downloaded at run
+# time). The recognised text decides and is dropped: only the box coordinates of a withheld image are kept, in
+# the private folder.
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ DEFAULT_MARKERS = (
 )  # fmt: skip
 #: Characters an arrow drawn as text is made of (OCR reads drawn arrows as these too).
 ARROW_CHARS = frozenset("←→↑↓↖↗↘↙⇐⇒⇑⇓<>-=|^v")
-#: Round shapes (femoral heads, rings, ECG electrodes) are read as "O", "00", "0O": up to 3 of these pass.
+#: Round shapes (femoral heads, rings, ECG electrodes) are read as "O", "00", "0.0": up to 3 of these pass.
 RING_CHARS = frozenset("0Oo")
 _EDGE_PUNCTUATION = ".,:;'\"`()[]{}*_~"
 
@@ -64,7 +64,7 @@ class TextRules:
         markers = frozenset(m.upper() for m in self.markers)
         for raw in text.upper().split():
             token = raw.strip(_EDGE_PUNCTUATION)
-            if not token or set(token) <= ARROW_CHARS or (len(token) <= 3 and set(token) <= RING_CHARS):
+            if not token or set(token) <= ARROW_CHARS or _rings(token):
                 continue
             if token in markers or _marker_run(token, markers):
                 continue
@@ -72,6 +72,12 @@ class TextRules:
                 continue  # one character (a stray digit, an image number) never identifies anyone
             return False
         return True
+
+
+def _rings(token: str) -> bool:
+    """Whether `token` is at most 3 round shapes read as O or 0, maybe with dots between ("00", "0.0")."""
+    shapes = [c for c in token if c.isalnum()]
+    return 0 < len(shapes) <= 3 and set(shapes) <= RING_CHARS
 
 
 def _marker_run(token: str, markers: frozenset[str]) -> bool:
@@ -90,6 +96,11 @@ class Finding:
     detected: int  # text boxes detected (allowed ones included)
     detect_s: float
     recognize_s: float
+
+
+#: A reading at least this confident is not read again in other turns (upright print scores 0.95-1.0; a
+#: sideways "LT" read as "5" scored 0.86).
+SURE_SCORE = 0.9
 
 
 def require_engine() -> None:
@@ -113,8 +124,6 @@ def engine() -> Any:
     736 px, 2x the work on a 512 px image)."""
     if not _ENGINE:
         require_engine()
-        import logging
-
         from rapidocr_onnxruntime import RapidOCR
 
         _ENGINE.append(
@@ -153,19 +162,19 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
     started = time.perf_counter()
     crops = ocr.get_crop_img_list(image, list(boxes))
     readings = [(str(text), float(score)) for text, score, *_ in ocr.text_rec(crops)[0]]
-    # Vertical text comes out of the crop turned one way (RapidOCR turns tall crops a quarter left), and a short
-    # vertical word ("LT") is not turned at all: where a crop is tall or its reading would withhold the image,
-    # read the other three turns too and keep the most confident reading.
-    retry = [
-        i
-        for i, (box, (text, score)) in enumerate(zip(boxes, readings, strict=True))
-        if _tall(box) or (score >= rules.min_score and not rules.allows(text))
+    # Vertical text comes out of a tall crop turned a quarter left (RapidOCR's rule), upside down when it read
+    # upwards: read tall crops turned over too. A short vertical word ("LT") is not turned at all: where a
+    # reading would withhold the image but is not sure, read the crop in the other three turns. The most
+    # confident reading wins (turning a tall crop back on its side only gives confident nonsense).
+    turns = [
+        (2,) if _tall(box) else (1, 2, 3) if rules.min_score <= score < SURE_SCORE and not rules.allows(text) else ()
+        for box, (text, score) in zip(boxes, readings, strict=True)
     ]
-    if retry:
-        turned = [np.ascontiguousarray(np.rot90(crops[i], k)) for i in retry for k in (1, 2, 3)]
-        others = [(str(text), float(score)) for text, score, *_ in ocr.text_rec(turned)[0]]
-        for n, i in enumerate(retry):
-            readings[i] = max([readings[i], *others[3 * n : 3 * n + 3]], key=lambda reading: reading[1])
+    turned = [np.ascontiguousarray(np.rot90(crops[i], k)) for i, ks in enumerate(turns) for k in ks]
+    if turned:
+        others = iter([(str(text), float(score)) for text, score, *_ in ocr.text_rec(turned)[0]])
+        for i, ks in enumerate(turns):
+            readings[i] = max([readings[i], *(next(others) for _ in ks)], key=lambda reading: reading[1])
     recognize_s = time.perf_counter() - started
     flagged = []
     for box, (text, score) in zip(boxes, readings, strict=True):

@@ -152,7 +152,7 @@ def test_withheld_sheet_goes_to_the_private_folder_only(screened: dict[str, Any]
 def test_rules_pass_markers_arrows_and_short_tokens() -> None:
     rules = ShardConfig().text_rules
     passing = ("L", "R", "PA", "AP ERECT", "LAT", "PORTABLE", "SUPINE", "PAERECT", "->", "Rt.", "ab", "←", "", "00 O")
-    passing += ("1",)
+    passing += ("1", "0.0")
     for text in passing:
         assert rules.allows(text), text
     withheld = ("DOE^JOHN", "JONAS JENSEN", "1931-04-17", "MRN 771234", "L2", "DOE", "14 MAR 2018", "ID:0045", "0000")
