@@ -164,8 +164,8 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
     readings = [(str(text), float(score)) for text, score, *_ in ocr.text_rec(crops)[0]]
     # Vertical text comes out of a tall crop turned a quarter left (RapidOCR's rule), upside down when it read
     # upwards: read tall crops turned over too. A short vertical word ("LT") is not turned at all: where a
-    # reading would withhold the image but is not sure, read the crop in the other three turns. The most
-    # confident reading wins (turning a tall crop back on its side only gives confident nonsense).
+    # reading would withhold the image but is not sure, read the crop in the other three turns. A turned reading
+    # replaces the first only when it is sure: anatomy read in any turn gives nonsense at 0.5-0.8.
     turns = [
         (2,) if _tall(box) else (1, 2, 3) if rules.min_score <= score < SURE_SCORE and not rules.allows(text) else ()
         for box, (text, score) in zip(boxes, readings, strict=True)
@@ -174,7 +174,8 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
     if turned:
         others = iter([(str(text), float(score)) for text, score, *_ in ocr.text_rec(turned)[0]])
         for i, ks in enumerate(turns):
-            readings[i] = max([readings[i], *(next(others) for _ in ks)], key=lambda reading: reading[1])
+            sure = [reading for reading in (next(others) for _ in ks) if reading[1] >= SURE_SCORE]
+            readings[i] = max([readings[i], *sure], key=lambda reading: reading[1])
     recognize_s = time.perf_counter() - started
     flagged = []
     for box, (text, score) in zip(boxes, readings, strict=True):
