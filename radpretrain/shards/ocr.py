@@ -51,13 +51,19 @@ class TextRules:
     short_max: int = 2
     #: Recognitions below this confidence are noise (anatomy edges read as letters), not text.
     min_score: float = 0.5
+    #: The same for upright boxes, read as vertical text: stacked vertebrae read as "GGGG" at 0.5-0.75.
+    min_score_vertical: float = 0.8
+    #: Letters-only pieces of a marker of 5+ letters ("PORTAB", "RECT", "CPORTABLE": anatomy or another label
+    #: hid or added a letter) pass too.
+    fragments: bool = True
 
     def validate(self) -> None:
         self.markers = [m.strip().upper() for m in self.markers if m.strip()]
         if self.short_max < 0:
             raise ConfigError(f"text_rules.short_max must be >= 0, got {self.short_max}")
-        if not 0.0 <= self.min_score < 1.0:
-            raise ConfigError(f"text_rules.min_score must be in [0, 1), got {self.min_score}")
+        for name in ("min_score", "min_score_vertical"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"text_rules.{name} must be in [0, 1), got {getattr(self, name)}")
 
     def allows(self, text: str) -> bool:
         """Whether one recognised line is only markers, arrows and short tokens without digits."""
@@ -66,7 +72,7 @@ class TextRules:
             token = raw.strip(_EDGE_PUNCTUATION)
             if not token or set(token) <= ARROW_CHARS or _rings(token):
                 continue
-            if token in markers or _marker_run(token, markers):
+            if token in markers or _marker_run(token, markers) or (self.fragments and _fragment(token, markers)):
                 continue
             if len(token) == 1 or (len(token) <= self.short_max and not any(c.isdigit() for c in token)):
                 continue  # one character (a stray digit, an image number) never identifies anyone
@@ -78,6 +84,14 @@ def _rings(token: str) -> bool:
     """Whether `token` is at most 3 round shapes read as O or 0, maybe with dots between ("00", "0.0")."""
     shapes = [c for c in token if c.isalnum()]
     return 0 < len(shapes) <= 3 and set(shapes) <= RING_CHARS
+
+
+def _fragment(token: str, markers: frozenset[str]) -> bool:
+    """Whether `token` is 3+ letters of a marker of 5+ letters, or such a marker with one letter added at an end."""
+    if len(token) < 3 or not token.isalpha():
+        return False
+    long_markers = [m for m in markers if len(m) >= 5]
+    return any(token in m or token[1:] == m or token[:-1] == m for m in long_markers)
 
 
 def _marker_run(token: str, markers: frozenset[str]) -> bool:
@@ -179,7 +193,7 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
     recognize_s = time.perf_counter() - started
     flagged = []
     for box, (text, score) in zip(boxes, readings, strict=True):
-        if score >= rules.min_score and not rules.allows(text):
+        if score >= (rules.min_score_vertical if _tall(box) else rules.min_score) and not rules.allows(text):
             points = np.asarray(box, dtype=np.float64)
             x0, y0 = np.floor(points.min(axis=0)).astype(int)
             x1, y1 = np.ceil(points.max(axis=0)).astype(int)

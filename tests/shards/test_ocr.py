@@ -152,16 +152,18 @@ def test_withheld_sheet_goes_to_the_private_folder_only(screened: dict[str, Any]
 def test_rules_pass_markers_arrows_and_short_tokens() -> None:
     rules = ShardConfig().text_rules
     passing = ("L", "R", "PA", "AP ERECT", "LAT", "PORTABLE", "SUPINE", "PAERECT", "->", "Rt.", "ab", "←", "", "00 O")
-    passing += ("1", "0.0")
+    passing += ("1", "0.0", "PORTAB", "RECT", "CPORTABLE")
     for text in passing:
         assert rules.allows(text), text
     withheld = ("DOE^JOHN", "JONAS JENSEN", "1931-04-17", "MRN 771234", "L2", "DOE", "14 MAR 2018", "ID:0045", "0000")
+    withheld += ("ERECTS2", "PORTABLEXY", "TABLE1")
     for text in withheld:
         assert not rules.allows(text), text
     custom = ocr.TextRules(markers=["l", "R", "STANDING"])
     custom.validate()
     assert custom.allows("PA l") and custom.allows("STANDING")  # PA: a short token; markers are upper-cased
     assert not custom.allows("ERECT") and not custom.allows("PORTABLE")  # no longer markers
+    assert custom.allows("STAND") and not ocr.TextRules(markers=["STANDING"], fragments=False).allows("STAND")
 
 
 def test_unflagged_scans_only_images_whose_header_does_not_decide(monkeypatch: pytest.MonkeyPatch) -> None:
