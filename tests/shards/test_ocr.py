@@ -200,3 +200,23 @@ def test_missing_extra_fails_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pa
         shard(tmp_path / "src", tmp_path / "out", ShardConfig(scan_text="all"), key=tmp_path / "k")
     assert "pip install 'radpretrain[ocr]'" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "out" / "index.jsonl").exists()  # it failed before reading anything
+
+
+def test_the_dicom_header_flag_reaches_the_screen(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Synthetic radiographs say BurnedInAnnotation=NO: `unflagged` reads none of them, `all` reads each."""
+    from radpretrain import synth
+
+    summary = synth.generate(tmp_path / "src", 3, seed=4, min_size=64, max_size=96, progress=False)
+    scanned: list[tuple[int, ...]] = []
+
+    def fake_find(stored: np.ndarray, rules: ocr.TextRules) -> ocr.Finding:
+        scanned.append(stored.shape)
+        return ocr.Finding([], 0, 0.0, 0.0)
+
+    monkeypatch.setattr(ocr, "find_text", fake_find)
+    for mode, expected in (("unflagged", 0), ("all", summary.n_files)):
+        scanned.clear()
+        config = ShardConfig(size=64, val_fraction=0.0, test_fraction=0.0, scan_text=mode)  # type: ignore[arg-type]
+        result = shard(tmp_path / "src", tmp_path / mode, config, key=tmp_path / "k", progress=False)
+        assert result.manifest is not None and result.manifest["counts"]["written"] == summary.n_files
+        assert len(scanned) == expected and all(max(shape) <= 64 for shape in scanned)
