@@ -32,7 +32,8 @@ INSTALL_HINT = (
 #: Words that mark side, view and patient position, never a person: they pass the screen.
 DEFAULT_MARKERS = (
     "L", "R", "LT", "RT", "LEFT", "RIGHT", "PA", "AP", "LAT", "LATERAL", "LL", "RL", "OBL",
-    "PORTABLE", "PORT", "ERECT", "UPRIGHT", "SUPINE", "PRONE", "DECUB", "SITTING", "STANDING",
+    "OBLIQUE", "PORTABLE", "PORT", "ERECT", "UPRIGHT", "SUPINE", "PRONE", "DECUB", "SITTING", "STANDING",
+    "WB", "INSP", "EXP", "FLEX", "EXT",
 )  # fmt: skip
 #: Characters an arrow drawn as text is made of (OCR reads drawn arrows as these too).
 ARROW_CHARS = frozenset("←→↑↓↖↗↘↙⇐⇒⇑⇓<>-=|^v")
@@ -53,8 +54,8 @@ class TextRules:
     min_score: float = 0.5
     #: The same for upright boxes, read as vertical text: stacked vertebrae read as "GGGG" at 0.5-0.75.
     min_score_vertical: float = 0.8
-    #: Letters-only pieces of a marker of 5+ letters ("PORTAB", "RECT", "CPORTABLE": anatomy or another label
-    #: hid or added a letter) pass too.
+    #: Letters-only pieces (4+ letters) of a marker of 5+ letters ("PORTAB", "RECT", "CPORTABLE": anatomy or
+    #: another label hid or added a letter) pass too.
     fragments: bool = True
 
     def validate(self) -> None:
@@ -87,8 +88,9 @@ def _rings(token: str) -> bool:
 
 
 def _fragment(token: str, markers: frozenset[str]) -> bool:
-    """Whether `token` is 3+ letters of a marker of 5+ letters, or such a marker with one letter added at an end."""
-    if len(token) < 3 or not token.isalpha():
+    """Whether `token` is 4+ letters of a marker of 5+ letters, or such a marker with one letter added at an end
+    (3 letters would let names such as "TAN" or "RON" through)."""
+    if len(token) < 4 or not token.isalpha():
         return False
     long_markers = [m for m in markers if len(m) >= 5]
     return any(token in m or token[1:] == m or token[:-1] == m for m in long_markers)

@@ -156,7 +156,7 @@ def test_rules_pass_markers_arrows_and_short_tokens() -> None:
     for text in passing:
         assert rules.allows(text), text
     withheld = ("DOE^JOHN", "JONAS JENSEN", "1931-04-17", "MRN 771234", "L2", "DOE", "14 MAR 2018", "ID:0045", "0000")
-    withheld += ("ERECTS2", "PORTABLEXY", "TABLE1")
+    withheld += ("ERECTS2", "PORTABLEXY", "TABLE1", "TAN", "RON")
     for text in withheld:
         assert not rules.allows(text), text
     custom = ocr.TextRules(markers=["l", "R", "STANDING"])
