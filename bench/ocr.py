@@ -3,6 +3,7 @@
     python bench/ocr.py                    # speed on 16 synthetic images, cost of 500,000 images on 16 cores
     python bench/ocr.py --quality 400      # + recall / false withholds on 400 synthetic images (half with PHI)
     python bench/ocr.py --n 8 --cores 64   # fewer images, cost on 64 cores
+    python bench/ocr.py --n 0 --quality 100 --text-px 8 12   # below the target range
 
 Images come from `radpretrain.synth.burned_in`: synthetic radiographs drawn at 1024 px and shrunk to 512 px as
 the sharder shrinks them, with names, dates and IDs (PHI images) or only side/view markers (clean images) in
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=16, help="cores for the 500,000-image estimate (16)")
     parser.add_argument("--size", type=int, default=512, help="image long side the screen sees (512)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (0)")
+    parser.add_argument(
+        "--text-px", type=float, nargs=2, default=(12, 32), metavar=("LOW", "HIGH"), help="cap heights (12 32)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         speed(burned_in.corpus(args.n, seed=args.seed + 1, size=args.size), rules, engine, args.cores)
     if args.quality:
         started = time.perf_counter()
-        images = burned_in.corpus(args.quality, seed=args.seed, size=args.size)
+        images = burned_in.corpus(args.quality, seed=args.seed, size=args.size, text_px=tuple(args.text_px))
         print(f"quality corpus: {len(images)} images generated in {time.perf_counter() - started:.0f} s")
         quality(images, rules)
     return 0
@@ -120,7 +124,7 @@ def quality(images: list, rules: object) -> None:
 
 
 def _bucket(px: float) -> str:
-    for low, high in ((12, 16), (16, 20), (20, 26), (26, 33)):
+    for low, high in ((8, 10), (10, 12), (12, 16), (16, 20), (20, 26), (26, 33)):
         if low <= px < high:
             return f"{low}-{high - 1}"
     return f"{int(px)}"
