@@ -52,7 +52,8 @@ class TextRules:
     short_max: int = 2
     #: Recognitions below this confidence are noise (anatomy edges read as letters), not text.
     min_score: float = 0.5
-    #: The same for upright boxes, read as vertical text: stacked vertebrae read as "GGGG" at 0.5-0.75.
+    #: The same for upright boxes (vertical text) unless the reading has 4+ different characters: stacked
+    #: vertebrae read as "GGGG" at 0.5-0.75.
     min_score_vertical: float = 0.8
     #: Letters-only pieces (4+ letters) of a marker of 5+ letters ("PORTAB", "RECT", "CPORTABLE": anatomy or
     #: another label hid or added a letter) pass too.
@@ -181,7 +182,7 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
     # Vertical text comes out of a tall crop turned a quarter left (RapidOCR's rule), upside down when it read
     # upwards: read tall crops turned over too. A short vertical word ("LT") is not turned at all: where a
     # reading would withhold the image but is not sure, read the crop in the other three turns. A turned reading
-    # replaces the first only when it is sure: anatomy read in any turn gives nonsense at 0.5-0.8.
+    # replaces the first only when it is credible (`_credible`): anatomy read in any turn gives nonsense at 0.5-0.8.
     turns = [
         (2,) if _tall(box) else (1, 2, 3) if rules.min_score <= score < SURE_SCORE and not rules.allows(text) else ()
         for box, (text, score) in zip(boxes, readings, strict=True)
@@ -190,12 +191,13 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
     if turned:
         others = iter([(str(text), float(score)) for text, score, *_ in ocr.text_rec(turned)[0]])
         for i, ks in enumerate(turns):
-            sure = [reading for reading in (next(others) for _ in ks) if reading[1] >= SURE_SCORE]
-            readings[i] = max([readings[i], *sure], key=lambda reading: reading[1])
+            credible = [reading for reading in (next(others) for _ in ks) if _credible(*reading, SURE_SCORE, rules)]
+            readings[i] = max([readings[i], *credible], key=lambda reading: reading[1])
     recognize_s = time.perf_counter() - started
     flagged = []
     for box, (text, score) in zip(boxes, readings, strict=True):
-        if score >= (rules.min_score_vertical if _tall(box) else rules.min_score) and not rules.allows(text):
+        sure = rules.min_score_vertical if _tall(box) else rules.min_score
+        if _credible(text, score, sure, rules) and not rules.allows(text):
             points = np.asarray(box, dtype=np.float64)
             x0, y0 = np.floor(points.min(axis=0)).astype(int)
             x1, y1 = np.ceil(points.max(axis=0)).astype(int)
@@ -205,6 +207,17 @@ def find_text(stored: np.ndarray, rules: TextRules) -> Finding:
 
 #: `--scan-text` modes: scan nothing, only images whose header does not decide, or every image.
 ScanMode = Literal["off", "unflagged", "all"]
+
+
+#: A reading with at least this many different letters and digits reads as words, not as a repeated shape.
+VARIED_CHARS = 4
+
+
+def _credible(text: str, score: float, sure: float, rules: TextRules) -> bool:
+    """Whether a reading is text: `sure` of it, or at least `rules.min_score` with varied characters. Stacked
+    vertebrae read as "GGGG" or "seeeee" at 0.5-0.75, a vertical name as "MUEllEr, ElENa" at 0.75."""
+    varied = len({c.upper() for c in text if c.isalnum()}) >= VARIED_CHARS
+    return score >= sure or (score >= rules.min_score and varied)
 
 
 def _tall(box: np.ndarray) -> bool:
