@@ -292,6 +292,22 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         "at the resolution stored (their wavelet levels / DCT scaling; within a few per mille of the window)",
     )
     parser.add_argument(
+        "--scan-text",
+        nargs="?",
+        const="unflagged",
+        default="off",
+        choices=("unflagged", "all"),
+        help="OCR every image and withhold those with burned-in text beyond side/view markers (skipped as "
+        "'burned-in text (detected)'; boxes, never the text, recorded in the private folder): unflagged (default "
+        "with the flag) scans images without BurnedInAnnotation, all scans every image; needs radpretrain[ocr]",
+    )
+    parser.add_argument(
+        "--text-markers",
+        default=None,
+        help="comma-separated words burned-in text may hold besides arrows and 1-2 letter tokens without digits "
+        "(default L,R,LT,RT,LEFT,RIGHT,PA,AP,LAT,LATERAL,LL,RL,OBL,PORTABLE,PORT,ERECT,UPRIGHT,SUPINE,PRONE,...)",
+    )
+    parser.add_argument(
         "--part",
         default=None,
         metavar="i/N",
@@ -326,6 +342,8 @@ def _run_shard(args: argparse.Namespace) -> int:
             "codec": args.codec,
             "exact_decode": args.exact_decode,
             "index": to_dict(_index_options(args)),
+            "scan_text": args.scan_text,
+            "text_rules": {} if args.text_markers is None else {"markers": comma_list(args.text_markers) or []},
         },
     )
     summary = shard(
@@ -389,12 +407,22 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sheet", default=None, help="contact sheet path (default OUT/contact_sheet.png)")
     parser.add_argument("--n", type=positive_int, default=48, help="samples on the sheet (default 48)")
     parser.add_argument("--seed", type=int, default=0, help="which random samples (default 0)")
+    parser.add_argument(
+        "--withheld",
+        action="store_true",
+        help="instead, draw the images withheld for burned-in text (re-read from the source, with the boxes "
+        "where text was found) for a human to review; written to the private folder only "
+        "(default OUT.private/withheld_sheet.png)",
+    )
+    parser.add_argument("--private-dir", default=None, help="the run's private folder (default: OUT.private)")
     parser.set_defaults(func=_run_inspect)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
     from radpretrain.shards.inspect import inspect_shards
 
-    sheet = inspect_shards(args.out, args.sheet, n=args.n, seed=args.seed)
+    sheet = inspect_shards(
+        args.out, args.sheet, n=args.n, seed=args.seed, withheld=args.withheld, private_dir=args.private_dir
+    )
     print(f"contact sheet: {sheet}")
     return 0

@@ -15,6 +15,7 @@ from radpretrain.errors import ConfigError, ShardError
 from radpretrain.shards import deid
 from radpretrain.shards.format import PLAN_FILE, SCHEMA_VERSION, SPLITS, unit_name
 from radpretrain.shards.index import Index, IndexOptions
+from radpretrain.shards.ocr import ScanMode, TextRules
 
 DUPLICATE = "duplicate"
 #: The automatic shard size aims at this many train shards, so that many readers (processes x loader
@@ -43,6 +44,10 @@ class ShardConfig:
     #: `dicom.read_dicom_for`); the pixels then match full decode + area resize exactly.
     exact_decode: bool = False
     index: IndexOptions = field(default_factory=IndexOptions)
+    #: Burned-in text screening (`shards.ocr`): off, images whose BurnedInAnnotation is absent ("unflagged"),
+    #: or all; an image whose text is more than `text_rules` allows is withheld.
+    scan_text: ScanMode = "off"
+    text_rules: TextRules = field(default_factory=TextRules)
 
     def validate(self) -> None:
         if self.size < 8:

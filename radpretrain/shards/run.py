@@ -12,7 +12,7 @@ from typing import Any
 
 from radpretrain import files
 from radpretrain.errors import ShardError
-from radpretrain.shards import deid, pool
+from radpretrain.shards import deid, ocr, pool
 from radpretrain.shards.format import ERRORS, MANIFEST, PLAN_FILE, STATS_SUFFIX, TAR_SUFFIX
 from radpretrain.shards.index import check_source, current_index, private_dir_for, read_private_paths
 from radpretrain.shards.manifest import vocabulary, write_manifest
@@ -58,6 +58,8 @@ def shard(
     """
     started = time.perf_counter()
     config = config or ShardConfig()
+    if config.scan_text != "off":
+        ocr.require_engine()  # before hours of indexing
     src_path = check_source(src, out)
     out_path = Path(out).expanduser().resolve()
     private = private_dir_for(out_path, private_dir)
@@ -104,6 +106,7 @@ def shard(
             vocab=vocabulary(buckets),
             codec=config.codec,
             exact_decode=config.exact_decode,
+            text=ocr.screen_for(config.scan_text, config.text_rules, private),
         )
         if todo:
             log.info(

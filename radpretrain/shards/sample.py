@@ -38,6 +38,8 @@ class WriterSettings:
     codec: str = "png"
     #: Decode every file in full (today's pixels exactly) instead of at the resolution stored (`dicom.read_dicom_for`).
     exact_decode: bool = False
+    #: Burned-in text screening (`shards.ocr.TextScreen`); None when --scan-text is off.
+    text: Any = None
 
 
 def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -140,6 +142,7 @@ def file_samples(
     spacing: tuple[float, float] | None = None
     shape: tuple[int, int] | None = None
     decode_path = dicom.FULL_DECODE
+    burned_flag = None  # BurnedInAnnotation: the text screen skips images whose header decides
     if row["kind"] == "image":
         try:
             frames = plain.read_grey(path)[None]
@@ -159,12 +162,15 @@ def file_samples(
         ds, frames, shape, decode_path = decoded
         window = dicom.window_from_header(ds)
         spacing = pixel_spacing(ds)
+        burned_flag = ds.get("BurnedInAnnotation")
     samples = []
     count = len(frames)
     for number, frame in enumerate(frames):
         original = shape or frame.shape
         resized = dicom.resize_longest(frame, settings.size, shape=original)
         stored, offset = stored_pixels(resized)
+        if settings.text is not None:  # raises SkipFile when the pixels carry text that is not allowed
+            settings.text.screen(stored, row["file"], number, burned_flag)
         meta = sample_meta(row, split, stored, offset, original, spacing, window)
         deid.check_sample_meta(meta, settings.vocab)
         samples.append(

@@ -22,7 +22,10 @@ CASES = [
     (["pretrain", "optim.lr=fast"], ["config key 'optim.lr' must be a number, got 'fast'"]),
     (["pretrain", "precision=fp8"], ["config key 'precision' must be one of 'no', 'bf16', 'fp16', got 'fp8'"]),
     (["pretrain", "data=64"], ["config key 'data' is a section; give it keys, e.g. data.<name>=..."]),
-    (["pretrain", "tasks={simclar: 1.0}"], ["Unknown task 'simclar'. Did you mean 'simclr'?", "Known: barlow_twins, byol, dino, mae"]),
+    (
+        ["pretrain", "tasks={simclar: 1.0}"],
+        ["Unknown task 'simclar'. Did you mean 'simclr'?", "Known: barlow_twins, byol, dino, mae"],
+    ),
     (["pretrain", "steps"], ["override 'steps' must look like key=value"]),
     # Used only by the probe at the end of training: checked before the first step all the same.
     (["pretrain", "probe.labels=[bodypart]"], ["unknown probe label 'bodypart'", "Did you mean 'body_part'?"]),
