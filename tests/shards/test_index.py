@@ -174,3 +174,30 @@ def test_current_index_rebuilds_an_unreadable_index_without_reuse(archive: Path,
     rebuilt = current_index(archive, out, IndexOptions(), PSEUDO, progress=False, reuse=False)
     assert read_index(out).rows == rebuilt.rows  # type: ignore[union-attr]
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temp file left"
+
+
+def test_deflated_headers_are_read_without_inflating_the_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from radpretrain import synth
+
+    summary = synth.generate(
+        tmp_path / "src", 12, seed=3, syntaxes=["DeflatedExplicitVRLittleEndian"], min_size=200, max_size=300
+    )
+    paths = summary.paths_of("radiograph")
+    assert paths
+    inflated: list[int] = []
+    real = index.INFLATE_CHUNK
+    monkeypatch.setattr(index, "INFLATE_CHUNK", 256)  # several chunks even for the header of a small image
+    fast = []
+    for path in paths:
+        assert index.read_deflated_header(path) is not None  # the partial read was taken, not the whole one
+        fast.append(index.dicom_row(path, path.name, PSEUDO, IndexOptions()))
+    monkeypatch.setattr(index, "read_deflated_header", lambda path: inflated.append(1))
+    whole = [index.dicom_row(path, path.name, PSEUDO, IndexOptions()) for path in paths]
+    assert len(inflated) == len(paths) and real == 1 << 16
+    assert fast == whole
+    assert {row["transfer_syntax"] for row in fast} == {"Deflated Explicit VR Little Endian"}
+    # Any other file is left to the whole read.
+    make_radiograph(tmp_path / "plain.dcm", "P9")
+    assert index.read_deflated_header(tmp_path / "plain.dcm") is None
