@@ -138,7 +138,8 @@ def make_shards(archive: Path, workdir: Path, codec: str) -> Path:
     from radpretrain.shards.run import shard
 
     print(f"sharding at 512 px with codec {codec} ...", flush=True)
-    config = ShardConfig(size=512, shard_size=25, val_fraction=0.0, test_fraction=0.0, codec=codec)
+    # 100 files a shard: the smallest shard `--shard-size auto` makes, so split readers start as often as they would.
+    config = ShardConfig(size=512, shard_size=100, val_fraction=0.0, test_fraction=0.0, codec=codec)
     out = workdir / f"shards-{codec}"
     shard(archive, out, config, key=workdir / "deid.key", workers=len(os.sched_getaffinity(0)))
     return out
