@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/crop_resize.py
 	$(PY) bench/step.py
+	$(PY) bench/decode_fidelity.py
+	$(PY) bench/ocr.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
