@@ -194,12 +194,12 @@ def test_sign_flip_p_is_exact_up_to_20_pairs_and_a_seeded_monte_carlo_above():
     many = rng.normal(0.01, 0.05, size=22)
     exact = report.sign_flip_p(many, exact_max=22)
     estimate = report.sign_flip_p(many, flips=20000, seed=0)
-    assert estimate * 20001 == pytest.approx(round(estimate * 20001))  # (hits + 1) / (flips + 1)
+    assert estimate * 20001 == pytest.approx(round(estimate * 20001))  # 2 (hits + 1) / (flips + 1)
     assert estimate == report.sign_flip_p(many, flips=20000, seed=0)
     assert estimate != report.sign_flip_p(many, flips=20000, seed=1)
     assert abs(estimate - exact) < 4 * math.sqrt(exact * (1 - exact) / 20000) + 1 / 20000
     # A Monte-Carlo p is never 0, however extreme the data.
-    assert report.sign_flip_p(np.full(40, 1.0), flips=1000) == pytest.approx(1 / 1001)
+    assert report.sign_flip_p(np.full(40, 1.0), flips=1000) == pytest.approx(2 / 1001)  # both tails, hits 0
 
 
 def test_holm_on_the_textbook_example():
