@@ -187,7 +187,6 @@ def test_deflated_headers_are_read_without_inflating_the_pixels(
     paths = summary.paths_of("radiograph")
     assert paths
     inflated: list[int] = []
-    real = index.INFLATE_CHUNK
     monkeypatch.setattr(index, "INFLATE_CHUNK", 256)  # several chunks even for the header of a small image
     fast = []
     for path in paths:
@@ -195,7 +194,7 @@ def test_deflated_headers_are_read_without_inflating_the_pixels(
         fast.append(index.dicom_row(path, path.name, PSEUDO, IndexOptions()))
     monkeypatch.setattr(index, "read_deflated_header", lambda path: inflated.append(1))
     whole = [index.dicom_row(path, path.name, PSEUDO, IndexOptions()) for path in paths]
-    assert len(inflated) == len(paths) and real == 1 << 16
+    assert len(inflated) == len(paths)  # the whole read ran for every file
     assert fast == whole
     assert {row["transfer_syntax"] for row in fast} == {"Deflated Explicit VR Little Endian"}
     # Any other file is left to the whole read.
