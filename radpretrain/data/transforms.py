@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import albumentations as A
 import cv2
@@ -19,6 +20,11 @@ from radpretrain.data import letterbox
 from radpretrain.errors import ConfigError
 from radpretrain.registry import did_you_mean
 from radpretrain.shards.format import LABEL_NAMES, LOCAL_VIEWS, STRONG_VIEWS, VIEW_NAMES
+
+if TYPE_CHECKING:
+    from radpretrain.data.positives import Partners
+
+log = logging.getLogger(__name__)
 
 #: Label tensors every sample carries: long, -1 where missing (ignore_index of the metadata task).
 MISSING = -1
@@ -114,6 +120,10 @@ class AugmentConfig:
         if self.clahe_clip <= 0:
             raise ConfigError(f"augment clahe_clip must be > 0, got {self.clahe_clip}")
 
+
+#: The view made from the partner image when `data.positives` pairs two images (radpretrain.data.positives):
+#: the second strong view. The first, the light one and DINO's local crops stay with the sample's own image.
+PARTNER_VIEWS: tuple[str, ...] = (STRONG_VIEWS[1],)
 
 #: A local view's side as a fraction of the global one: DINO's 96 px local crops of 224 px images.
 LOCAL_FRACTION = 3 / 7
@@ -333,10 +343,14 @@ class ViewMaker:
         self.light.set_random_state(rng, py_random)
         self.local.set_random_state(rng, py_random)
 
-    def __call__(self, pixels: np.ndarray, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        window = stored_window(pixels, meta)
-        values = np.asarray(pixels, dtype=np.float32)  # once per sample, shared by its views (windowing is float)
-        return {name: self.policy[name](values, window) for name in self.view_names}
+    def __call__(
+        self, pixels: np.ndarray, meta: Mapping[str, Any], partner: tuple[np.ndarray, Mapping[str, Any]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The views of one image; with `partner` (pixels, meta of another image) the PARTNER_VIEWS come from it."""
+        # float once per image, shared by its views (windowing is float); views drawn in the same order either way
+        own = (np.asarray(pixels, dtype=np.float32), stored_window(pixels, meta))
+        other = own if partner is None else (np.asarray(partner[0], dtype=np.float32), stored_window(*partner))
+        return {name: self.policy[name](*(other if name in PARTNER_VIEWS else own)) for name in self.view_names}
 
 
 def make_views(
@@ -372,6 +386,10 @@ class SampleFn:
     The random stream is re-derived inside each DataLoader worker and process rank from `seed`, the
     worker's seed (which the DataLoader draws afresh every epoch from torch's seeded generator) and the
     rank, so workers never repeat each other's augmentations and a seeded run repeats itself.
+
+    With `partners` (`data.positives.Partners`), a sample whose patient or study has other train images
+    gets one of them, drawn from a second stream seeded the same way, for the PARTNER_VIEWS; the output
+    then also carries "partner": the key of the image those views came from (the sample's own key if none).
     """
 
     def __init__(
@@ -381,10 +399,14 @@ class SampleFn:
         vocab: Mapping[str, Sequence[str]],
         image_size: int,
         seed: int = 0,
+        partners: Partners | None = None,
     ) -> None:
         self.maker = ViewMaker(view_names, cfg, image_size, seed)
         self.vocab = {name: list(vocab.get(name, ())) for name in LABEL_NAMES}
         self.seed = seed
+        self.partners = partners
+        self.partner_rng = np.random.default_rng([seed, 0, 0, 1])
+        self.unread = 0
         self._stream: tuple[int, int | None] | None = None
 
     def _ensure_stream(self) -> None:
@@ -399,17 +421,37 @@ class SampleFn:
             )
             worker_seed = 0 if info is None else int(info.seed) % 2**63
             self.maker.reseed([self.seed, rank, worker_seed])
+            # A stream of its own: partner draws leave the augmentation stream as it is
+            self.partner_rng = np.random.default_rng([self.seed, rank, worker_seed, 1])
             self._stream = stream
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
         self._ensure_stream()
-        views = self.maker(sample["pixels"], sample["meta"])
+        partner = self.partner_of(sample) if self.partners is not None else None
+        pair = None if partner is None else (partner["pixels"], partner["meta"])
+        views = self.maker(sample["pixels"], sample["meta"], pair)
         out: dict[str, Any] = {name: torch.from_numpy(view) for name, view in views.items()}
         for name, index in encode_labels(sample["meta"], self.vocab).items():
             out[name] = torch.tensor(index, dtype=torch.long)
+        if self.partners is not None:
+            out["partner"] = sample["key"] if partner is None else partner["key"]
         return out
+
+    def partner_of(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Another image of the sample's group, decoded; None when it has none (or it cannot be read)."""
+        assert self.partners is not None
+        row = self.partners.draw(sample["key"], self.partner_rng)
+        if row is None:
+            return None
+        try:
+            return self.partners.read(row)
+        except (OSError, ValueError) as exc:  # the shard changed or broke since the index: pair with itself
+            self.unread += 1
+            if self.unread <= 3:
+                log.warning("positives: a partner image could not be read (%s); the sample pairs with itself", exc)
+            return None
 
 
 def views_config(cfg: ViewsConfig | Mapping[str, Any] | None) -> ViewsConfig:
@@ -430,6 +472,7 @@ def build_sample_fn(
     vocab: Mapping[str, Sequence[str]],
     image_size: int,
     seed: int = 0,
+    partners: Partners | None = None,
 ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """The `map_fn` for `shards.reader.build_pipeline`: views (float32 tensors (1, S, S)) + long labels.
 
@@ -437,5 +480,7 @@ def build_sample_fn(
     manifest's `vocab`, -1 where missing). Batch it with a DataLoader (`batch_size=B`) to get (B, 1, S, S)
     and (B,) tensors. `cfg` may be a plain mapping (a config's `augment:` section), checked by type; for
     deterministic probe features use `ViewsConfig(plain=AugmentConfig.evaluation())` with ("plain",).
+    `partners` (`data.positives.open_partners`) takes the second strong view from another image of the
+    sample's patient or study, and adds "partner" (that image's key) to the output.
     """
-    return SampleFn(view_names, views_config(cfg), vocab, image_size, seed)
+    return SampleFn(view_names, views_config(cfg), vocab, image_size, seed, partners)

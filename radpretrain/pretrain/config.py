@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from radpretrain.data.positives import Positives, check_mode
 from radpretrain.data.transforms import ViewsConfig
 from radpretrain.errors import ConfigError
 
@@ -21,8 +22,12 @@ class DataConfig:
     workers: int = 4
     shuffle: int = 1000
     #: Write RUN/samples-rank<R>.jsonl: the sample keys (pseudonyms) of every batch each process reads,
-    #: to audit the data order and the split of shards between processes.
+    #: to audit the data order and the split of shards between processes (and each sample's partner).
     log_samples: bool = False
+    #: Where the second strong view of a two-view task comes from: "augment", the same image augmented
+    #: again; "same_study" / "same_patient", another train image of the sample's study / patient where
+    #: there is one, else the same image (MICLe, Azizi et al. 2021). See radpretrain.data.positives.
+    positives: Positives = "augment"
 
     def validate(self) -> None:
         for name in ("image_size", "batch_size"):
@@ -30,6 +35,7 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be > 0, got {getattr(self, name)}")
         if self.workers < 0 or self.shuffle < 0:
             raise ConfigError(f"data.workers and data.shuffle must be >= 0, got {self.workers} and {self.shuffle}")
+        check_mode(self.positives)
 
 
 @dataclass
@@ -154,5 +160,5 @@ class PretrainConfig:
 
 
 #: Keys whose change makes a checkpoint meaningless for a run; `resume` refuses to mix them (`encoder` is
-#: compared whole: name, options and init).
-RESUME_FIXED = ("encoder", "tasks", "task_options", "data.image_size", "optim.name")
+#: compared whole: name, options and init). `data.positives` changes what the run learns to match.
+RESUME_FIXED = ("encoder", "tasks", "task_options", "data.image_size", "data.positives", "optim.name")

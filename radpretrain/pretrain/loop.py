@@ -63,6 +63,7 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from radpretrain.data import positives
     from radpretrain.data.transforms import build_sample_fn
     from radpretrain.models.encoders import build_encoder
     from radpretrain.pretrain.tasks import build_objective
@@ -101,6 +102,7 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
     check_encoder(encoder, cfg)
     # Before the objective: momentum encoders copy the encoder's (initial) weights when they are built.
     objective = build_objective(encoder, cfg.tasks, cfg.task_options, vocab)
+    positives.check_views(cfg.data.positives, objective.views, cfg.tasks)
     model = PretrainModel(encoder, objective)
     model = distributed.sync_batchnorm(model, cfg.sync_bn, accelerator)  # before DDP wraps it
     cohort = build_cohort_probe(cfg, accelerator.process_index, accelerator.num_processes)  # bad cohorts fail now
@@ -123,8 +125,16 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
         state.positions, state.world_size, accelerator.num_processes, accelerator.process_index
     )
 
+    partners = None
+    if cfg.data.positives != "augment" and batches is None:
+        with accelerator.main_process_first():  # the main process scans the shards and caches; the others read it
+            partners = positives.open_partners(cfg.data.positives, urls, run_dir / positives.INDEX_FILE)
+        if main:
+            log.info("positives: %s", partners.describe())
+
     def sample_fn(seed: int) -> Callable[[dict], Any]:
-        return stream.with_key(build_sample_fn(objective.views, cfg.augment, vocab, cfg.data.image_size, seed=seed))
+        views, size = objective.views, cfg.data.image_size
+        return stream.with_key(build_sample_fn(views, cfg.augment, vocab, size, seed=seed, partners=partners))
 
     train = None
     if batches is None:
@@ -154,7 +164,10 @@ def pretrain(cfg: PretrainConfig, batches: Iterable[dict[str, Any]] | None = Non
             for micro in range(cfg.optim.accumulation):
                 batch = next(source)
                 if samples_log is not None:
-                    append_log(samples_log, {"step": state.step + 1, "keys": list(batch.get("key", []))})
+                    read = {"step": state.step + 1, "keys": list(batch.get("key", []))}
+                    if "partner" in batch:  # data.positives: the image each sample's second view came from
+                        read["partners"] = list(batch["partner"])
+                    append_log(samples_log, read)
                 last = micro == cfg.optim.accumulation - 1
                 with nullcontext() if last else accelerator.no_sync(model):
                     out = model(batch)

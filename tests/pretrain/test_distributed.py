@@ -12,6 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from radpretrain.files import is_temp
 
@@ -109,3 +111,60 @@ def test_two_processes_split_shards_gather_the_loss_and_resume(
         assert len(seen[rank]) == 6 * batch and len(set(seen[rank])) == len(seen[rank])
     shards0, shards1 = {owner[k] for k in seen[0]}, {owner[k] for k in seen[1]}
     assert shards0 and shards1 and not shards0 & shards1
+
+
+@pytest.mark.slow
+def test_two_processes_train_dino_multicrop_on_same_patient_pairs(
+    tiny_overrides: list[str], tiny_shards: Path, tmp_path: Path
+) -> None:
+    """A new task with its extra machinery on two gloo processes: DINO's momentum teacher, centre (all-reduced
+    across processes) and local crops, fed same-patient pairs whose member index the main process builds."""
+    from radpretrain.data.positives import INDEX_FILE
+
+    from .test_positives import check_pairs, groups_of, read_train
+
+    run, batch, steps = tmp_path / "run", 8, 4
+    small = "{hidden_dim: 32, bottleneck_dim: 8, output_dim: 24, local_views: 2, teacher_temp_warmup: 0.0}"
+    done = launch(
+        [
+            *tiny_overrides,
+            f"out={run}",
+            f"steps={steps}",
+            f"data.batch_size={batch}",
+            "data.log_samples=true",
+            "data.positives=same_patient",
+            "tasks={dino: 1.0}",
+            f"task_options={{dino: {small}}}",
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if line.startswith("positives:")]
+    assert len(said) == 1 and said[0].startswith("positives: same_patient: "), done.stderr[-3000:]  # main only
+    assert (run / INDEX_FILE).is_file()
+
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for record in records:  # the all-reduced terms of both processes
+        assert all(math.isfinite(v) for k, v in record.items() if k != "images_per_s"), record
+        assert record["dino/loss"] > 0 and record["dino/teacher_temp"] == pytest.approx(0.07)
+        assert 0 < record["dino/teacher_entropy"] <= math.log(24) + 1e-4
+    state = json.loads((run / "checkpoint" / "train_state.json").read_text())
+    assert state["step"] == steps and state["world_size"] == 2 and state["images"] == steps * batch * 2
+    assert [p["batches"] for p in state["positions"]] == [steps, steps]  # both ranks stopped at the same step
+    weights = load_file(str(run / "checkpoint" / "model.safetensors"))
+    center = weights["objective.tasks.dino.criterion.center"]  # moved from zero by the centre's updates
+    assert torch.isfinite(center).all() and center.abs().sum() > 0
+
+    # each rank read its own shards, every step, and paired each image with another of its patient's
+    truth = read_train(tiny_shards)
+    groups = groups_of(truth, "same_patient")
+    owner = shard_of_keys(tiny_shards)
+    shards: dict[int, set[str]] = {}
+    for rank in (0, 1):
+        lines = [json.loads(line) for line in (run / f"samples-rank{rank}.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines] == list(range(1, steps + 1))
+        pairs = [pair for line in lines for pair in zip(line["keys"], line["partners"], strict=True)]
+        assert len(pairs) == steps * batch
+        assert check_pairs(pairs, groups) > 0.5
+        shards[rank] = {owner[key] for key, _ in pairs}
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
