@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from radpretrain import intensity
@@ -50,10 +51,22 @@ def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
     return np.clip(shifted, 0, 65535).astype(np.uint16), offset
 
 
+#: Largest pixel count whose histogram OpenCV counts exactly (its bins are float32: integers up to 2^24).
+_CV_HIST_PIXELS = 2**24
+
+
 def robust_range(stored: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> tuple[float, float]:
     """np.percentile(stored, percentiles) (linear interpolation) of a uint16 image from its histogram: the same
-    values, 7x faster on a 512 px image (0.3 ms instead of 2.5) than the partition np.percentile does."""
-    cumulative = np.cumsum(np.bincount(stored.ravel()))
+    values, 30x faster on a 512 px image (0.085 ms instead of 2.5) than the partition np.percentile does.
+
+    The histogram is OpenCV's (one bin per value up to the maximum): 0.085 ms against 0.29 for np.bincount,
+    which first copies the pixels to int64; images over 2^24 pixels use np.bincount (float32 bins)."""
+    if stored.size <= _CV_HIST_PIXELS:
+        top = int(stored.max()) + 1
+        counts = cv2.calcHist([np.ascontiguousarray(stored).reshape(1, -1)], [0], None, [top], [0, top]).ravel()
+        cumulative = np.cumsum(counts, dtype=np.int64)
+    else:
+        cumulative = np.cumsum(np.bincount(stored.ravel()))
     last = int(cumulative[-1]) - 1
 
     def order_statistic(rank: int) -> int:  # the rank-th smallest value, counting from 0
