@@ -41,6 +41,9 @@ class WriterSettings:
     exact_decode: bool = False
     #: Burned-in text screening (`shards.ocr.TextScreen`); None when --scan-text is off.
     text: Any = None
+    #: The run's decoder, resolved in the parent (`gpu_decode.resolve`): "cpu", or "gpu" (nvImageCodec decodes
+    #: JPEG 2000 / HTJ2K / baseline JPEG in full; each worker process makes its own decoder).
+    decoder: str = "cpu"
 
 
 def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -149,7 +152,7 @@ def file_samples(
 ) -> tuple[list[dict[str, Any]], str]:
     """Decode one file and return its samples and its decode path (`dicom.Decoded.path`); SkipFile /
     DicomError / ShardError say why there are none."""
-    from radpretrain.shards import dicom, plain
+    from radpretrain.shards import dicom, gpu_decode, plain
 
     window: tuple[float, float] | None = None
     spacing: tuple[float, float] | None = None
@@ -169,6 +172,7 @@ def file_samples(
                 path,
                 None if settings.exact_decode else settings.size,
                 frame_rule=settings.frame_rule,  # type: ignore[arg-type]
+                decoder=gpu_decode.process_decoder(settings.decoder),
             )
         except dicom.UnsupportedImage as exc:
             raise SkipFile(str(exc)) from None
