@@ -223,7 +223,7 @@ def _read_pixels(
 
     arr, decode_path = None, FULL_DECODE
     if decoder is not None and tsyntax in decoder.syntaxes:
-        arr, decode_path = _decode_with(decoder, ds, frames, index, rows, cols), decoder.path
+        arr, decode_path = _decode_with(decoder, ds, tsyntax, frames, index, rows, cols), decoder.path
     if arr is None:
         reduced = None if size is None or frames != 1 else reduced_decode(ds, tsyntax, size)
         if reduced is None:
@@ -610,11 +610,13 @@ def _decode(ds: Dataset, tsyntax: uid.UID, index: int | None) -> np.ndarray:
 
 
 def _decode_with(
-    decoder: FrameDecoder, ds: Dataset, frames: int, index: int | None, rows: int, cols: int
+    decoder: FrameDecoder, ds: Dataset, tsyntax: uid.UID, frames: int, index: int | None, rows: int, cols: int
 ) -> np.ndarray | None:
     """The kept frames' stored values from `decoder`, as the CPU plugins give them; None hands the file to them."""
     if ds.get("PixelRepresentation", 0) != 0 or "ExtendedOffsetTable" in ds:
         return None  # signed codestreams need pydicom's sign correction; extended offset tables are rare
+    if tsyntax not in _SELF_DESCRIBING and ds.BitsStored != ds.BitsAllocated:
+        return None  # the CPU plugins mask unused high bits of JPEG samples; JPEG 2000 values are clipped below
     try:
         with _quiet():
             if index is None:

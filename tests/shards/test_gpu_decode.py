@@ -22,6 +22,7 @@ from radpretrain.shards import dicom, gpu_decode
 from radpretrain.shards.gpu_decode import GPU, NVIMGCODEC_CPU, NvDecoder
 from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.run import shard
+from radpretrain.synth.archive import transcode
 from tests.bad_input.helpers import refused
 from tests.shards.helpers import make_j2k, make_radiograph
 
@@ -110,6 +111,21 @@ def test_nvimgcodec_gives_the_values_of_the_cpu_plugins(j2k_archives: dict[int, 
         assert decoded.path == (NVIMGCODEC_CPU if ds.PixelRepresentation == 0 else dicom.FULL_DECODE)
         assert decoded.frames.dtype == full.dtype and decoded.shape == full.shape[1:]
         np.testing.assert_array_equal(decoded.frames, full)
+
+
+@needs_nvimgcodec
+def test_baseline_jpeg_through_nvimgcodec_in_full(tmp_path: Path) -> None:
+    synth.generate(tmp_path / "src", 3, seed=1, shape=(256, 192), bits_stored=8, syntaxes=["ExplicitVRLittleEndian"])
+    decoder = NvDecoder(NVIMGCODEC_CPU)
+    for number, path in enumerate(_radiographs(tmp_path / "src")):
+        out = tmp_path / f"jpeg{number}.dcm"
+        transcode(path, out, "JPEGBaseline8Bit")
+        decoded = dicom.read_dicom_for(out, SIZE, decoder=decoder)
+        assert decoded.path == NVIMGCODEC_CPU and decoded.shape == (256, 192)  # in full, not DCT-scaled
+        full = dicom.read_dicom(out)[1]
+        assert decoded.frames.dtype == full.dtype
+        # Lossy: decoders may round the inverse DCT differently (libjpeg-turbo on both sides here: equal).
+        assert np.abs(decoded.frames.astype(np.int32) - full).max() <= 1
 
 
 @needs_nvimgcodec
