@@ -3,6 +3,8 @@
     python bench/shard.py            # 1,000-file throughput archive (2500 x 2000, 12-bit), memory at 1,000 vs 10,000
     python bench/shard.py --quick    # 100-file archive, memory at 100 vs 1,000 files: a few minutes
     python bench/shard.py --sections codecs   # only the compressed archive (6 codecs x 170 files of 2500 x 2000)
+    python bench/shard.py --sections gpu      # nvImageCodec on the GPU vs the CPU (prints "no GPU: skipped" without)
+    python bench/shard.py --sections overhead # the sharder's own CPU per file, piece by piece, robust to a busy machine
 
 What is compared, all on the same synthetic radiographs (`radpretrain.synth.archive.generate`):
 - shard: `radpretrain.shards.run.shard` (what `radpretrain shard` calls: index, plan, decode, resize, PNG,
@@ -17,6 +19,12 @@ What is compared, all on the same synthetic radiographs (`radpretrain.synth.arch
   deflate. Per codec: the shard (1 worker), the full-decode floor (the floor above), the reduced-decode floor
   (`read_dicom_for` at the stored size, what the shard does by default) and the naive loop; then the whole mix
   sharded with 1 and 2 workers at the default 1,000 files per shard (3 units: train, val, test).
+- overhead: per uncompressed file, the writer's pieces (the index row, `process_file`, appending to the tar) timed
+  in process CPU time interleaved with the floor on the same file, least of 5 passes per file: what the sharder
+  adds to the floor, measured so that another job on the machine shifts both sides alike.
+- gpu: the J2K lossless and baseline JPEG files of the compressed archive sharded with all cores as workers, by the
+  CPU (default reduced decode, and --exact-decode) and by nvImageCodec on the GPU (`--decoder gpu`, in full): wall
+  files/s and CPU ms per file side by side, and whether the GPU's shards are byte-identical to --exact-decode's.
 The loops run with the writer's malloc settings (`shards.pool.reuse_large_buffers`), as its workers do.
 The shard runs (1 and 2 workers) and the floor run twice, alternating; the faster of each is reported.
 "Per core" is files per CPU-second, so it means the same whether a process used one thread or several.
@@ -26,6 +34,7 @@ Every contender finds the files in the page cache: they are read once before eac
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -74,6 +83,7 @@ class Run:
     wall: float
     cpu: float
     peak_rss: int = 0
+    digest: str = ""  # sha256 of the shard tars (run_shard with digest=True)
 
     @property
     def per_second(self) -> float:
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             report(measure(args, workdir), args, cores, load)
         if "codecs" in args.sections:
             report_codecs(measure_codecs(args, workdir), args, cores, os.getloadavg()[0])
+        if "gpu" in args.sections:
+            measure_gpu(args, workdir, cores)
+        if "overhead" in args.sections:
+            measure_overhead(args, workdir)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -121,10 +135,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=("uncompressed", "codecs"),
-        default=["uncompressed", "codecs"],
-        help="what to measure: the uncompressed archive, the compressed one (both)",
+        choices=("uncompressed", "codecs", "gpu", "overhead"),
+        default=["uncompressed", "codecs", "gpu"],
+        help="what to measure: the uncompressed archive, the compressed one, GPU vs CPU decoding (these three by "
+        "default), the sharder's own CPU per file piece by piece",
     )
+    parser.add_argument("--gpu-workers", type=int, help="workers of the gpu section's runs (all cores)")
     parser.add_argument("--codec-files", type=int, help="files per codec in the compressed archive (170)")
     parser.add_argument("--codec-shape", type=shape, help="compressed archive images, ROWSxCOLS (2500x2000)")
     parser.add_argument("--codec-loop-files", type=int, help="files per codec timed in the floor loops (20)")
@@ -229,11 +245,12 @@ def run_shard(
     args: argparse.Namespace,
     config: dict[str, object] | None = None,
     expected: int | None = None,
+    digest: bool = False,
 ) -> Run:
     """The real writer in a child process: wall, CPU (rusage of the finished tree) and polled tree RSS.
 
-    `config`: ShardConfig fields (size and shard size from `args`); `expected`: files it must write (the
-    archive's radiographs by default)."""
+    `config`: ShardConfig fields (size and shard size from `args`) and optionally "decoder" (`shard(decoder=)`);
+    `expected`: files it must write (the archive's radiographs by default); `digest`: hash the shards."""
     import psutil
 
     from radpretrain import synth
@@ -265,9 +282,12 @@ def run_shard(
         expected = synth.SynthSummary.load(archive).counts.get("radiograph", 0)
     if summary["written"] != expected:
         sys.exit(f"bench/shard.py: the shard run wrote {summary['written']} files, expected {expected}")
+    hashed = hashlib.sha256()
+    for tar in sorted(out.glob("*.tar")) if digest else []:
+        hashed.update(tar.name.encode() + tar.read_bytes())
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(private, ignore_errors=True)
-    return Run(files=summary["written"], wall=wall, cpu=cpu, peak_rss=peak[0])
+    return Run(summary["written"], wall, cpu, peak[0], hashed.hexdigest() if digest else "")
 
 
 def watch_rss(process: psutil.Process, peak: list[int], interval: float = 0.05) -> None:
@@ -295,8 +315,12 @@ def child_shard(src: str, out: str, key: str, private: str, workers: str, config
     from radpretrain.shards.plan import ShardConfig
     from radpretrain.shards.run import shard
 
-    config = ShardConfig(**json.loads(config_json))
-    summary = shard(src, out, config, key=key, private_dir=private, workers=int(workers), progress=False)
+    fields = json.loads(config_json)
+    decoder = fields.pop("decoder", "cpu")
+    config = ShardConfig(**fields)
+    summary = shard(
+        src, out, config, key=key, private_dir=private, workers=int(workers), progress=False, decoder=decoder
+    )
     assert summary.manifest is not None
     counts = summary.manifest["counts"]
     print(json.dumps({"files_seen": counts["files_seen"], "written": counts["written"], "seconds": summary.seconds}))
@@ -399,9 +423,11 @@ class CodecResult:
     naive: Run
 
 
-def synthesize_codecs(workdir: Path, args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]]]:
-    """One folder per codec under `codecs/`; radiographs a codec cannot hold (signed pixels for baseline JPEG)
-    are removed, so every file left is in its codec."""
+def synthesize_codecs(
+    workdir: Path, args: argparse.Namespace, labels: tuple[str, ...] | None = None
+) -> tuple[Path, dict[str, list[Path]]]:
+    """One folder per codec under `codecs/` (those in `labels`, else all); radiographs a codec cannot hold (signed
+    pixels for baseline JPEG) are removed, so every file left is in its codec."""
     from radpretrain import synth
     from radpretrain.errors import ConfigError
     from radpretrain.synth.archive import SynthSummary, transcode
@@ -409,6 +435,8 @@ def synthesize_codecs(workdir: Path, args: argparse.Namespace) -> tuple[Path, di
     root = workdir / f"codecs-{args.codec_files}-{args.codec_shape[0]}x{args.codec_shape[1]}"
     found: dict[str, list[Path]] = {}
     for number, (label, syntax, bits, target) in enumerate(CODECS):
+        if labels is not None and label not in labels:
+            continue
         folder = root / label.replace(" ", "-")
         done = folder / "bench-files.json"
         if done.exists():
@@ -516,6 +544,135 @@ def report_codecs(results: dict[str, object], args: argparse.Namespace, cores: i
         f"| peak RSS, mix, 1 / 2 workers | {mix1.peak_rss / 2**20:.0f} / {mix2.peak_rss / 2**20:.0f} MiB | | |",
     ]
     print("\n".join(lines))
+
+
+# The sharder's own cost per file.
+
+OVERHEAD_PASSES = 5
+
+
+def measure_overhead(args: argparse.Namespace, workdir: Path) -> None:
+    """Per file, interleaved and in process CPU time: the floor, then the writer's pieces on the same file."""
+    import cv2
+    import numpy as np
+
+    from radpretrain.shards import deid, writer
+    from radpretrain.shards.index import IndexOptions, dicom_row
+    from radpretrain.shards.manifest import vocabulary
+    from radpretrain.shards.pool import setup_process
+    from radpretrain.shards.sample import WriterSettings
+
+    archive = synthesize(workdir, args.loop_files, args.shape)
+    paths = radiographs(archive)
+    prime(paths)
+    setup_process()
+    cv2.setNumThreads(1)
+    pseudonymize, options = deid.Pseudonymizer(b"bench" * 8), IndexOptions()
+    buckets = list(options.age_buckets)
+    out = workdir / "out-overhead"
+    out.mkdir(exist_ok=True)
+    settings = WriterSettings(str(archive), str(out), args.size, "bench", buckets, vocab=vocabulary(buckets))
+    relpaths = [str(path.relative_to(archive)) for path in paths]
+    rows = [dicom_row(path, rel, pseudonymize, options) for path, rel in zip(paths, relpaths, strict=True)]
+    files = [(f"f{number}", rel, row) for number, (rel, row) in enumerate(zip(relpaths, rows, strict=True))]
+    names = ("floor", "index row", "process_file", "tar append")
+    seconds = {name: np.full((OVERHEAD_PASSES, len(paths)), np.inf) for name in names}
+    clock = time.process_time
+    print(f"overhead: {len(paths)} files x {OVERHEAD_PASSES} passes ...", flush=True)
+    for number in range(OVERHEAD_PASSES):
+        sink = writer.UnitSink(writer.UnitTask(f"train-{number:06d}", "train", files), settings)
+        for index, (path, (file, rel, row)) in enumerate(zip(paths, files, strict=True)):
+            started = clock()
+            floor_one(path, args.size)
+            seconds["floor"][number, index] = clock() - started
+            started = clock()
+            dicom_row(path, rel, pseudonymize, options)
+            seconds["index row"][number, index] = clock() - started
+            started = clock()
+            outcome = writer.process_file(file, rel, row, "train", settings)
+            seconds["process_file"][number, index] = clock() - started
+            started = clock()
+            sink.add(outcome)
+            seconds["tar append"][number, index] = clock() - started
+        sink.close()
+    ms = {name: 1000 * float(values.min(axis=0).mean()) for name, values in seconds.items()}
+    extra = ms["process_file"] - ms["floor"]
+    added = ms["index row"] + extra + ms["tar append"]
+    print(
+        "\n".join(
+            [
+                "",
+                f"Sharder's own CPU per file ({len(paths)} uncompressed {args.shape[0]}x{args.shape[1]} files, process "
+                f"CPU ms, least of {OVERHEAD_PASSES} interleaved passes per file, mean over files):",
+                "",
+                "| floor | index row (header pass) | process_file | process_file - floor (metadata) | tar append "
+                "| added per file | (floor + added) / floor, start-up not counted |",
+                "|---|---|---|---|---|---|---|",
+                f"| {ms['floor']:.2f} | {ms['index row']:.2f} | {ms['process_file']:.2f} | {extra:.2f} "
+                f"| {ms['tar append']:.2f} | {added:.2f} | {(ms['floor'] + added) / ms['floor']:.3f} |",
+            ]
+        )
+    )
+
+
+# GPU decoding.
+
+#: The compressed archive's codecs that nvImageCodec decodes (`shards.gpu_decode.SYNTAXES`).
+GPU_CODECS = ("J2K lossless", "JPEG baseline 8-bit")
+
+
+def measure_gpu(args: argparse.Namespace, workdir: Path, cores: int) -> None:
+    """Per GPU codec, with all cores as workers: CPU default decode, CPU --exact-decode and nvImageCodec on the GPU."""
+    from radpretrain.shards import gpu_decode
+
+    reason = gpu_decode.unavailable(gpu_decode.GPU)
+    if reason is not None:
+        print(f"\nGPU decoding: no GPU: skipped ({reason}).")
+        return
+    workers = args.gpu_workers or cores
+    root, found = synthesize_codecs(workdir, args, GPU_CODECS)
+    rows = []
+    for label, paths in found.items():
+        folder = root / label.replace(" ", "-")
+        size = {"size": args.size}
+        runs = {
+            "cpu": run_shard(folder, workdir, workers, args, {**size, "decoder": "cpu"}, len(paths)),
+            "cpu exact": run_shard(
+                folder, workdir, workers, args, {**size, "exact_decode": True, "decoder": "cpu"}, len(paths), True
+            ),
+            "gpu": run_shard(folder, workdir, workers, args, {**size, "decoder": "gpu"}, len(paths), True),
+        }
+        rows.append((label, len(paths), runs))
+    rows_, cols_ = args.codec_shape
+    lines = [
+        "",
+        f"GPU decoding ({gpu_name()}): synthetic {rows_}x{cols_} radiographs -> {args.size} px PNG shards, "
+        f"{workers} workers, {cores} cores. Files/s are wall clock; CPU ms per file is the whole process tree's.",
+        "",
+        "| codec | files | CPU (reduced decode): files/s | CPU --exact-decode: files/s | GPU (nvImageCodec, in full): "
+        "files/s | GPU / CPU | GPU / CPU exact | CPU ms per file: CPU, exact, GPU | GPU shards = CPU exact's |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, files, runs in rows:
+        cpu, exact, gpu = runs["cpu"], runs["cpu exact"], runs["gpu"]
+        lossy = "" if "lossless" in label else " (lossy codec)"
+        identical = "yes" if gpu.digest == exact.digest else f"no{lossy}"
+        lines.append(
+            f"| {label} | {files} | {cpu.per_second:.1f} | {exact.per_second:.1f} | {gpu.per_second:.1f} "
+            f"| {gpu.per_second / cpu.per_second:.2f}x | {gpu.per_second / exact.per_second:.2f}x "
+            f"| {1000 * cpu.cpu / files:.1f}, {1000 * exact.cpu / files:.1f}, {1000 * gpu.cpu / files:.1f} "
+            f"| {identical} |"
+        )
+    print("\n".join(lines))
+
+
+def gpu_name() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "a CUDA GPU"
+    done = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "a CUDA GPU"
 
 
 # The table.

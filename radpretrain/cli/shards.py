@@ -292,6 +292,14 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         "at the resolution stored (their wavelet levels / DCT scaling; within a few per mille of the window)",
     )
     parser.add_argument(
+        "--decoder",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="who decodes JPEG 2000, HTJ2K and baseline JPEG: gpu = NVIDIA nvImageCodec on a CUDA GPU (pip install "
+        "'radpretrain[gpu]'; in full, the pixels of --exact-decode), cpu = the CPU plugins, auto (default) = gpu when "
+        "it works here, else cpu; the manifest counts how each file was decoded",
+    )
+    parser.add_argument(
         "--scan-text",
         nargs="?",
         const="unflagged",
@@ -357,6 +365,7 @@ def _run_shard(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         reindex=args.reindex,
         progress=not args.no_progress,
+        decoder=args.decoder,
     )
     rate = summary.files_processed / summary.seconds if summary.seconds > 0 else 0.0
     log.info(

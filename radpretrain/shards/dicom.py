@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Literal, NamedTuple, cast
+from typing import Literal, NamedTuple, Protocol, cast
 
 import cv2
 import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
@@ -116,24 +116,51 @@ class Decoded(NamedTuple):
     frames: np.ndarray
     #: The image's full-resolution (rows, columns): resize to the shape this gives, not the one `frames` gives.
     shape: tuple[int, int]
-    #: How the pixels were decoded: FULL_DECODE, "j2k-reduce-<r>" (JPEG 2000 level r) or "jpeg-draft-<s>" (1/s).
+    #: How the pixels were decoded: FULL_DECODE, "j2k-reduce-<r>" (JPEG 2000 level r), "jpeg-draft-<s>" (1/s), or
+    #: the `FrameDecoder.path` of the decoder given (in full, e.g. "gpu").
     path: str
 
 
 FULL_DECODE = "full"
 
 
+class FrameDecoder(Protocol):
+    """Decodes the encapsulated frames of some syntaxes in place of the CPU plugins (`shards.gpu_decode.NvDecoder`):
+    only the codec step; the modality LUT, MONOCHROME1 and resizing stay here."""
+
+    @property
+    def syntaxes(self) -> frozenset[str]:
+        """The transfer syntaxes it takes."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """The decode path recorded for the files it decodes."""
+        ...
+
+    def decode(self, frames: list[bytes], rows: int, cols: int, dtype: np.dtype) -> np.ndarray | None:
+        """(len(frames), rows, cols) values of `dtype`, or None to leave the file to the CPU plugins."""
+        ...
+
+
 def read_dicom_for(
-    path: str | Path, size: int | None, *, frame_rule: FrameRule = "all", max_pixels: int = MAX_PIXELS
+    path: str | Path,
+    size: int | None,
+    *,
+    frame_rule: FrameRule = "all",
+    max_pixels: int = MAX_PIXELS,
+    decoder: FrameDecoder | None = None,
 ) -> Decoded:
     """`read_dicom` for an image that will be stored with its longest side at most `size`.
 
     JPEG 2000 / HTJ2K and baseline 8-bit JPEG single-frame unsigned images are decoded at the reduced
     resolution their codec offers (`reduced_decode`), never below `size`; the modality LUT and MONOCHROME1
     rules then apply exactly as in `read_pixels`. Everything else, and `size=None`, is today's full decode.
+    `decoder` (e.g. nvImageCodec on a GPU) decodes the unsigned images of its syntaxes in full instead; what it
+    cannot decode goes the way above.
     """
     ds = _read_file(path)
-    frames, decode_path = _read_pixels(ds, frame_rule, max_pixels, size)
+    frames, decode_path = _read_pixels(ds, frame_rule, max_pixels, size, decoder)
     rows, cols = int(ds.Rows), int(ds.Columns)
     return Decoded(ds, frames, (rows, cols), decode_path)
 
@@ -178,7 +205,9 @@ def read_pixels(ds: Dataset, *, frame_rule: FrameRule = "all", max_pixels: int =
     return _read_pixels(ds, frame_rule, max_pixels, None)[0]
 
 
-def _read_pixels(ds: Dataset, frame_rule: FrameRule, max_pixels: int, size: int | None) -> tuple[np.ndarray, str]:
+def _read_pixels(
+    ds: Dataset, frame_rule: FrameRule, max_pixels: int, size: int | None, decoder: FrameDecoder | None = None
+) -> tuple[np.ndarray, str]:
     if frame_rule not in FRAME_RULES:
         raise ValueError(f"frame_rule must be one of {', '.join(FRAME_RULES)}, got {frame_rule!r}")
     if "PixelData" not in ds:
@@ -192,11 +221,15 @@ def _read_pixels(ds: Dataset, frame_rule: FrameRule, max_pixels: int, size: int 
     _check_size(ds, tsyntax, rows, cols, frames, kept, max_pixels)
     rescale = _rescale(ds)
 
-    reduced = None if size is None or frames != 1 else reduced_decode(ds, tsyntax, size)
-    if reduced is None:
-        arr, decode_path = _decode(ds, tsyntax, index).reshape(kept, rows, cols), FULL_DECODE
-    else:
-        arr, decode_path = reduced[0][None], reduced[1]
+    arr, decode_path = None, FULL_DECODE
+    if decoder is not None and tsyntax in decoder.syntaxes:
+        arr, decode_path = _decode_with(decoder, ds, tsyntax, frames, index, rows, cols), decoder.path
+    if arr is None:
+        reduced = None if size is None or frames != 1 else reduced_decode(ds, tsyntax, size)
+        if reduced is None:
+            arr, decode_path = _decode(ds, tsyntax, index).reshape(kept, rows, cols), FULL_DECODE
+        else:
+            arr, decode_path = reduced[0][None], reduced[1]
     if tsyntax in _SELF_DESCRIBING:
         arr = _clip(arr, *_stored_range(ds))
     low, high = modality_range(ds)
@@ -574,6 +607,27 @@ def _decode(ds: Dataset, tsyntax: uid.UID, index: int | None) -> np.ndarray:
         # Big endian data comes back big endian; cv2 and in-place arithmetic want native order.
         return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
     raise DicomError(f"undecodable pixel data ({_syntax_name(tsyntax)})")
+
+
+def _decode_with(
+    decoder: FrameDecoder, ds: Dataset, tsyntax: uid.UID, frames: int, index: int | None, rows: int, cols: int
+) -> np.ndarray | None:
+    """The kept frames' stored values from `decoder`, as the CPU plugins give them; None hands the file to them."""
+    if ds.get("PixelRepresentation", 0) != 0 or "ExtendedOffsetTable" in ds:
+        return None  # signed codestreams need pydicom's sign correction; extended offset tables are rare
+    if tsyntax not in _SELF_DESCRIBING and ds.BitsStored != ds.BitsAllocated:
+        return None  # the CPU plugins mask unused high bits of JPEG samples; JPEG 2000 values are clipped below
+    try:
+        with _quiet():
+            if index is None:
+                data = list(generate_frames(ds.PixelData, number_of_frames=frames))
+            else:
+                data = [get_frame(ds.PixelData, index, number_of_frames=frames)]
+    except Exception:  # a damaged fragment table: the CPU plugins fail with the usual reason
+        return None
+    if len(data) != (frames if index is None else 1):
+        return None
+    return decoder.decode(data, rows, cols, np.dtype(np.uint16 if ds.BitsAllocated == 16 else np.uint8))
 
 
 def _decode_native(ds: Dataset, tsyntax: uid.UID, index: int | None) -> np.ndarray:

@@ -19,7 +19,7 @@ STORAGE = (
     "MONOCHROME1 inversion (higher = more attenuation) "
     "minus json 'offset', resized with area interpolation (cv2 INTER_AREA, in two steps for factors of 4 or more) "
     "so the longest side is at most 'size' (JPEG 2000 / JPEG images decoded at a reduced resolution first unless "
-    "'decode' says exact: see 'decode'); window_center, "
+    "'decode' says exact or counts them as decoded in full on a GPU ('gpu'): see 'decode'); window_center, "
     "window_width, intensity_low and intensity_high are in stored units; windowing happens when reading."
 )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from radpretrain import files
 from radpretrain.errors import ShardError
-from radpretrain.shards import deid, ocr, pool
+from radpretrain.shards import deid, gpu_decode, ocr, pool
 from radpretrain.shards.format import ERRORS, MANIFEST, PLAN_FILE, STATS_SUFFIX, TAR_SUFFIX
 from radpretrain.shards.index import check_source, current_index, private_dir_for, read_private_paths
 from radpretrain.shards.manifest import vocabulary, write_manifest
@@ -50,16 +50,21 @@ def shard(
     overwrite: bool = False,
     reindex: bool = False,
     progress: bool = True,
+    decoder: str = "cpu",
 ) -> ShardSummary:
     """Index (or reuse the index), plan, write the units not done yet, and write the manifest when all are.
 
     With `part=(i, N)` only units i, i+N, ... are written; whichever run finds every unit done writes
     manifest.json and errors.jsonl (a final run without `part` does it too, writing nothing else).
+    `decoder` (`gpu_decode.DECODERS`): who decodes JPEG 2000 / HTJ2K / baseline JPEG; the manifest's `decode`
+    counts the path each file took. Like `workers`, it is not part of the plan. "cpu" here, so a library call
+    gives the same pixels on every machine; the command line's default is "auto".
     """
     started = time.perf_counter()
     config = config or ShardConfig()
     if config.scan_text != "off":
         ocr.require_engine()  # before hours of indexing
+    run_decoder = gpu_decode.resolve(decoder)
     src_path = check_source(src, out)
     out_path = Path(out).expanduser().resolve()
     private = private_dir_for(out_path, private_dir)
@@ -107,6 +112,7 @@ def shard(
             codec=config.codec,
             exact_decode=config.exact_decode,
             text=ocr.screen_for(config.scan_text, config.text_rules, private),
+            decoder=run_decoder,
         )
         if todo:
             log.info(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from radpretrain import intensity
@@ -40,6 +41,9 @@ class WriterSettings:
     exact_decode: bool = False
     #: Burned-in text screening (`shards.ocr.TextScreen`); None when --scan-text is off.
     text: Any = None
+    #: The run's decoder, resolved in the parent (`gpu_decode.resolve`): "cpu", or "gpu" (nvImageCodec decodes
+    #: JPEG 2000 / HTJ2K / baseline JPEG in full; each worker process makes its own decoder).
+    decoder: str = "cpu"
 
 
 def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -50,10 +54,22 @@ def stored_pixels(image: np.ndarray) -> tuple[np.ndarray, int]:
     return np.clip(shifted, 0, 65535).astype(np.uint16), offset
 
 
+#: Largest pixel count whose histogram OpenCV counts exactly (its bins are float32: integers up to 2^24).
+_CV_HIST_PIXELS = 2**24
+
+
 def robust_range(stored: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> tuple[float, float]:
     """np.percentile(stored, percentiles) (linear interpolation) of a uint16 image from its histogram: the same
-    values, 7x faster on a 512 px image (0.3 ms instead of 2.5) than the partition np.percentile does."""
-    cumulative = np.cumsum(np.bincount(stored.ravel()))
+    values, 30x faster on a 512 px image (0.085 ms instead of 2.5) than the partition np.percentile does.
+
+    The histogram is OpenCV's (one bin per value up to the maximum): 0.085 ms against 0.29 for np.bincount,
+    which first copies the pixels to int64; images over 2^24 pixels use np.bincount (float32 bins)."""
+    if stored.size <= _CV_HIST_PIXELS:
+        top = int(stored.max()) + 1
+        counts = cv2.calcHist([np.ascontiguousarray(stored).reshape(1, -1)], [0], None, [top], [0, top]).ravel()
+        cumulative = np.cumsum(counts, dtype=np.int64)
+    else:
+        cumulative = np.cumsum(np.bincount(stored.ravel()))
     last = int(cumulative[-1]) - 1
 
     def order_statistic(rank: int) -> int:  # the rank-th smallest value, counting from 0
@@ -136,7 +152,7 @@ def file_samples(
 ) -> tuple[list[dict[str, Any]], str]:
     """Decode one file and return its samples and its decode path (`dicom.Decoded.path`); SkipFile /
     DicomError / ShardError say why there are none."""
-    from radpretrain.shards import dicom, plain
+    from radpretrain.shards import dicom, gpu_decode, plain
 
     window: tuple[float, float] | None = None
     spacing: tuple[float, float] | None = None
@@ -156,6 +172,7 @@ def file_samples(
                 path,
                 None if settings.exact_decode else settings.size,
                 frame_rule=settings.frame_rule,  # type: ignore[arg-type]
+                decoder=gpu_decode.process_decoder(settings.decoder),
             )
         except dicom.UnsupportedImage as exc:
             raise SkipFile(str(exc)) from None

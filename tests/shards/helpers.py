@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -85,3 +85,18 @@ def make_archive(root: Path, n: int, patients: int = 5, shape: tuple[int, int] =
         )
         for i in range(n)
     ]
+
+
+def make_j2k(path: Path, *, shape: tuple[int, int] = (256, 192), signed: bool = False, frames: int = 1) -> Path:
+    """`make_radiograph` as 12-bit lossless JPEG 2000 (pydicom's encoder), optionally signed or multi-frame."""
+    ds = make_radiograph(path, "P1", shape=shape)
+    pixels = ds.pixel_array
+    if signed:
+        ds.PixelRepresentation = 1
+        pixels = (pixels.astype(np.int32) - 2048).astype(np.int16)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        pixels = np.stack([pixels] * frames)
+    ds.compress(JPEG2000Lossless, pixels, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import RLELossless
 
 from radpretrain import synth
 from radpretrain.cli import main
@@ -19,7 +19,7 @@ from radpretrain.shards.plan import ShardConfig
 from radpretrain.shards.run import shard
 from radpretrain.shards.sample import stored_pixels
 from radpretrain.synth.archive import transcode
-from tests.shards.helpers import make_radiograph
+from tests.shards.helpers import make_j2k, make_radiograph
 
 SIZE = 48
 #: Reduced decode + area resize vs full decode + area resize, in per mille of the image's robust window:
@@ -84,20 +84,6 @@ def test_levels() -> None:
     assert dicom.reduced_level(2048, 2048, 64, backoff=1) == 4
 
 
-def _j2k(path: Path, *, shape: tuple[int, int] = (256, 192), signed: bool = False, frames: int = 1) -> Path:
-    ds = make_radiograph(path, "P1", shape=shape)
-    pixels = ds.pixel_array
-    if signed:
-        ds.PixelRepresentation = 1
-        pixels = (pixels.astype(np.int32) - 2048).astype(np.int16)
-    if frames > 1:
-        ds.NumberOfFrames = frames
-        pixels = np.stack([pixels] * frames)
-    ds.compress(JPEG2000Lossless, pixels, generate_instance_uid=False)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.mark.parametrize(
     "case",
     ["exact", "small image", "odd size", "signed", "multi-frame", "rle", "uncompressed", "lut sequence"],
@@ -105,17 +91,17 @@ def _j2k(path: Path, *, shape: tuple[int, int] = (256, 192), signed: bool = Fals
 def test_full_decode_where_reduction_does_not_apply(tmp_path: Path, case: str) -> None:
     path, size = tmp_path / "a.dcm", SIZE
     if case == "exact":
-        _j2k(path)
+        make_j2k(path)
         size = None  # type: ignore[assignment]
     elif case == "small image":
-        _j2k(path)
+        make_j2k(path)
         size = 129  # 256 / 2 < 129: no level keeps the size
     elif case == "odd size":
-        _j2k(path, shape=(255, 192))
+        make_j2k(path, shape=(255, 192))
     elif case == "signed":
-        _j2k(path, signed=True)
+        make_j2k(path, signed=True)
     elif case == "multi-frame":
-        _j2k(path, frames=2)
+        make_j2k(path, frames=2)
     elif case == "rle":
         ds = make_radiograph(path, "P1", shape=(256, 192))
         ds.compress(RLELossless, generate_instance_uid=False)
@@ -123,7 +109,7 @@ def test_full_decode_where_reduction_does_not_apply(tmp_path: Path, case: str) -
     elif case == "uncompressed":
         make_radiograph(path, "P1", shape=(256, 192))
     else:  # a non-linear Modality LUT Sequence does not commute with averaging
-        _j2k(path)
+        make_j2k(path)
         ds = pydicom.dcmread(path)
         item = pydicom.Dataset()
         item.LUTDescriptor = [4096, 0, 16]
@@ -139,7 +125,7 @@ def test_full_decode_where_reduction_does_not_apply(tmp_path: Path, case: str) -
 
 
 def test_undecodable_codestreams_fall_back_to_the_full_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _j2k(tmp_path / "a.dcm")
+    path = make_j2k(tmp_path / "a.dcm")
 
     def broken(*args: object) -> None:
         raise OSError("broken data stream when reading image file")

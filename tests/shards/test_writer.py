@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 from radpretrain import files
 from radpretrain.errors import ShardError
 from radpretrain.shards import deid, dicom, reader
+from radpretrain.shards import sample as sample_module
 from radpretrain.shards.format import ShardSet
 from radpretrain.shards.index import build_index
 from radpretrain.shards.plan import ShardConfig
@@ -45,6 +46,14 @@ def test_robust_range_is_numpys_percentile() -> None:
             image //= 7  # gaps in the histogram
         assert np.allclose(robust_range(image), np.percentile(image, [0.5, 99.5]), rtol=0, atol=1e-9)
         assert np.allclose(robust_range(image, (10, 90)), np.percentile(image, [10, 90]), rtol=0, atol=1e-9)
+
+
+def test_robust_range_of_images_too_large_for_opencvs_histogram(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = np.random.default_rng(1).integers(0, 4096, (300, 200)).astype(np.uint16)
+    fast = robust_range(image)
+    monkeypatch.setattr(sample_module, "_CV_HIST_PIXELS", image.size - 1)  # the np.bincount path
+    assert robust_range(image) == fast
+    assert np.allclose(fast, np.percentile(image, [0.5, 99.5]), rtol=0, atol=1e-9)
 
 
 def test_rescaled_ct_like_values_and_header_window(tmp_path: Path) -> None:
