@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/step.py
 	$(PY) bench/decode_fidelity.py
 	$(PY) bench/ocr.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
