@@ -321,7 +321,7 @@ def generate(
         shape: force every radiograph to (rows, cols), e.g. (2500, 2000) for benchmarks.
         bits_stored: force BitsStored (8..16) for every radiograph.
         findings: share of the chest radiographs (frontal and lateral) that show a lung finding, a nodule or a
-            consolidation (`phantoms.FINDINGS`, equally often), chosen at random whatever the patient's age and
+            consolidation (`phantoms.FINDINGS`, each with equal chance), chosen at random whatever the patient's age and
             sex or the view. synth.json records each file's "finding" (kind or null) and `findings.csv` lists the
             chest radiographs as a classification cohort; with `masks`, the finding's mask is a "finding"
             structure in masks.csv. 0 (the default) writes exactly the export of a version without findings.
@@ -443,7 +443,7 @@ def _check_args(**args: Any) -> dict[str, Any]:
         raise ConfigError(f"findings must be a share between 0 and 1, got {findings}")
     if findings > 0:  # recorded only when used: an export without findings keeps its bytes, synth.json included
         if args["body_parts"] is not None and "chest" not in args["body_parts"]:
-            raise ConfigError("findings are drawn in the lungs of chest radiographs; add chest to body_parts")
+            raise ConfigError("findings are drawn in the lungs of chest radiographs; add chest to --body-parts")
         args["findings"] = float(findings)
     return args
 
@@ -598,8 +598,8 @@ class _Planner:
         rest of the export is the one planned without findings."""
         if not chest:
             raise ConfigError(
-                f"findings need chest radiographs and none of the {self.args['n']} files is one; raise n "
-                "(or pass body_parts=chest)"
+                f"findings need chest radiographs and none of the {self.args['n']} files is one; raise --n "
+                "(or use --body-parts chest)"
             )
         rng = np.random.default_rng([self.seed, 0xF1D1])
         chosen = rng.choice(len(chest), size=round(self.args["findings"] * len(chest)), replace=False)

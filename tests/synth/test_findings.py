@@ -14,6 +14,7 @@ import pytest
 from radpretrain.cli import main
 from radpretrain.data.cohorts import load_cohort
 from radpretrain.errors import CohortError, ConfigError
+from radpretrain.pretrain.probe import CohortProbe
 from radpretrain.synth.archive import FINDINGS_COLUMNS, FINDINGS_CSV, SYNTH_JSON, SynthSummary, checksum, generate
 from radpretrain.synth.phantoms import FINDING_MASK, FINDINGS, make_radiograph
 
@@ -81,6 +82,8 @@ def test_the_findings_table_is_a_cohort_that_matches_synth_json(pair: tuple[Synt
     assert cohort.kind == "cls2d" and cohort.classes == ["abnormal", "normal"]
     assert [cohort.classes[case.target] for case in cohort.cases] == [row["label"] for row in rows]  # type: ignore[index]
     assert len(cohort.patients()) == len({row["patient"] for row in rows}) > 5
+    probe = CohortProbe(half.root / FINDINGS_CSV, 32)  # what probe.cohort=... builds before a run
+    assert (probe.classes, probe.patients, len(probe.cases)) == (2, len(cohort.patients()), len(rows))
     # With masks.csv beside it the export folder holds two tables: the folder alone is refused, naming both.
     with pytest.raises(CohortError, match=r"several cohort tables \(findings.csv, masks.csv\)"):
         load_cohort(half.root)
@@ -154,7 +157,7 @@ def test_the_phantom_draws_findings_in_the_lungs_only() -> None:
         ({"findings": 1.5}, "findings must be a share between 0 and 1, got 1.5"),
         ({"findings": -0.1}, "findings must be a share between 0 and 1"),
         ({"findings": float("nan")}, "findings must be a share between 0 and 1"),
-        ({"findings": 0.5, "body_parts": ["hand", "knee"]}, "add chest to body_parts"),
+        ({"findings": 0.5, "body_parts": ["hand", "knee"]}, "add chest to --body-parts"),
         ({"findings": 0.5, "body_parts": ["hand", "chest"], "n": 1, "seed": 2}, "none of the 1 files is one"),
     ],
 )
