@@ -1,8 +1,9 @@
 """Pretext tasks compared fairly: one encoder, the same data, steps and seeds, scored on a cohort no task saw.
 
-    python bench/pretext.py --workdir runs/pretext              # the README table (about 45 min on one core)
-    python bench/pretext.py --workdir runs/pretext --quick      # every task runs? (1 seed, 20 steps, small data)
-    python bench/pretext.py --workdir runs/pretext --tasks simclr,random --seeds 0,1,2
+    python bench/pretext.py --workdir runs/pretext                  # 2 seeds: about 28 min on one core
+    python bench/pretext.py --workdir runs/pretext --seeds 0,1,2    # the README table: 42 min (resumes the above)
+    python bench/pretext.py --workdir runs/pretext-quick --quick    # every task runs? (1 seed, 20 steps, 1 min)
+    python bench/pretext.py --workdir runs/pretext --tasks simclr,random
 
 What runs: a synthetic PACS export (`radpretrain synth`, all body parts, lung findings in some chest
 radiographs, no labels used) sharded at the run's image size (`radpretrain.shards.run.shard`, a fixed key file
