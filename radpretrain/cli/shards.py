@@ -28,7 +28,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
             "(anatomy-like phantoms of several body parts whose appearance changes with age), with the header "
             "variety of real archives (photometrics, bit depths, rescale, windows and VOI LUTs, compressed "
             "transfer syntaxes, body part and age in different places), fake patient data everywhere a real "
-            "header has it, an optional share of hostile files and optional ground-truth masks. "
+            "header has it, an optional share of hostile files, optional ground-truth masks and optional lung "
+            "findings with a classification cohort table. "
             "OUT/synth.json records the ground truth of every file. The same --seed and arguments give the "
             "same bytes."
         ),
@@ -43,7 +44,19 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="share of hostile files: truncated, not DICOM, DICOMDIR, no pixels, RGB, burned-in annotation, "
         "duplicates, empty, absurd dimensions, CT (any value > 0 gives at least one of each)",
     )
-    parser.add_argument("--masks", action="store_true", help="write lung/heart/bone masks and OUT/masks.csv")
+    parser.add_argument(
+        "--masks", action="store_true", help="write lung/heart/bone (and finding) masks and OUT/masks.csv"
+    )
+    parser.add_argument(
+        "--findings",
+        type=fraction,
+        default=0.0,
+        metavar="P",
+        help="share of chest radiographs with a lung finding (a nodule or a consolidation, at random whatever "
+        "age, sex and view); synth.json records each file's finding and OUT/findings.csv lists the chest "
+        "radiographs as a classification cohort (image, label abnormal/normal, finding, patient) for "
+        "`radpretrain finetune` and probe.cohort (default 0: none)",
+    )
     parser.add_argument("--min-size", type=positive_int, default=1000, help="smallest long image side in pixels")
     parser.add_argument("--max-size", type=positive_int, default=3000, help="largest long image side in pixels")
     parser.add_argument(
@@ -92,6 +105,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         body_parts=comma_list(args.body_parts),
         shape=args.shape,
         bits_stored=args.bits_stored,
+        findings=args.findings,
         overwrite=args.overwrite,
     )
     counts = ", ".join(f"{kind} {n}" for kind, n in summary.counts.items())

@@ -23,6 +23,7 @@ from radpretrain.files import write_text
 from radpretrain.shards.format import SCHEMA_VERSION
 from radpretrain.synth.phantoms import (
     BODY_PARTS,
+    FINDINGS,
     MASK_STRUCTURES,
     SIDED,
     VIEWS,
@@ -39,6 +40,11 @@ SYNTH_JSON = "synth.json"
 #: The masks table, a cohort table in `radpretrain.data.cohorts.load_cohort`'s table layout (columns image, mask,
 #: patient, structure; paths relative to the export), found there as the folder's one CSV with an image column.
 MASKS_CSV = "masks.csv"
+#: The findings table (`generate(findings=P)`): a classification cohort of the export's chest radiographs that
+#: `load_cohort` and the pretraining probe (`probe.cohort`) read. Columns: image (relative to the export), label
+#: ("abnormal" with a lung finding, else "normal"), finding (its kind, or "none") and patient, as in masks.csv.
+FINDINGS_CSV = "findings.csv"
+FINDINGS_COLUMNS = ("image", "label", "finding", "patient")
 _PARTIAL = ".synth-partial.json"  # written first, replaced by synth.json when the export is complete
 
 #: Hostile file kinds; with hostile > 0 every kind appears at least once.
@@ -290,6 +296,7 @@ def generate(
     body_parts: Sequence[str] | None = None,
     shape: tuple[int, int] | None = None,
     bits_stored: int | None = None,
+    findings: float = 0.0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> SynthSummary:
@@ -313,6 +320,11 @@ def generate(
         body_parts: restrict radiographs to these parts (default: all of `BODY_PARTS`).
         shape: force every radiograph to (rows, cols), e.g. (2500, 2000) for benchmarks.
         bits_stored: force BitsStored (8..16) for every radiograph.
+        findings: share of the chest radiographs (frontal and lateral) that show a lung finding, a nodule or a
+            consolidation (`phantoms.FINDINGS`, each with equal chance), chosen at random whatever the patient's age and
+            sex or the view. synth.json records each file's "finding" (kind or null) and `findings.csv` lists the
+            chest radiographs as a classification cohort; with `masks`, the finding's mask is a "finding"
+            structure in masks.csv. 0 (the default) writes exactly the export of a version without findings.
         overwrite: replace a previous synth export made with other arguments.
         progress: show a tqdm progress bar.
 
@@ -331,6 +343,7 @@ def generate(
         body_parts=body_parts,
         shape=shape,
         bits_stored=bits_stored,
+        findings=findings,
     )
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
@@ -339,10 +352,9 @@ def generate(
     if previous is not None:
         log.info("synth: %s already holds this export (same arguments); nothing to do", root)
         return previous
+    specs, phi = _Planner(args).plan()  # before the folder exists: a plan can still be refused
     root.mkdir(parents=True, exist_ok=True)
     (root / _PARTIAL).write_text(json.dumps({"args": args}, indent=1))
-
-    specs, phi = _Planner(args).plan()
     results = _render_all(root, specs, workers, progress)
     files: dict[str, dict[str, Any]] = {}
     mask_rows: list[dict[str, str]] = []
@@ -362,10 +374,30 @@ def generate(
             writer = csv.DictWriter(handle, fieldnames=["image", "mask", "patient", "structure"])
             writer.writeheader()
             writer.writerows(mask_rows)
+    if "findings" in args:
+        _write_findings(root / FINDINGS_CSV, files)
     summary = SynthSummary(root=root, args=args, files=files, masks=mask_rows, phi=phi)
     write_text(root / SYNTH_JSON, json.dumps(summary.to_json(), indent=1, ensure_ascii=False))
     (root / _PARTIAL).unlink()
     return summary
+
+
+def _write_findings(path: Path, files: dict[str, dict[str, Any]]) -> None:
+    """The findings cohort: every chest radiograph of the export (not its duplicates), in file order."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FINDINGS_COLUMNS)
+        writer.writeheader()
+        for rel, truth in files.items():
+            if truth["kind"] == "radiograph" and truth["body_part"] == "chest":
+                finding = truth["finding"]
+                writer.writerow(
+                    {
+                        "image": rel,
+                        "label": "normal" if finding is None else "abnormal",
+                        "finding": finding or "none",
+                        "patient": truth["patient_id"],
+                    }
+                )
 
 
 def _check_args(**args: Any) -> dict[str, Any]:
@@ -406,6 +438,13 @@ def _check_args(**args: Any) -> dict[str, Any]:
     if marker is not None and (not marker.isascii() or not marker.isalnum() or len(marker) > 6):
         raise ConfigError(f"phi_marker must be 1-6 ASCII letters or digits, got {marker!r}")
     args["hostile"] = float(hostile)
+    findings = args.pop("findings")
+    if not 0.0 <= float(findings) <= 1.0:
+        raise ConfigError(f"findings must be a share between 0 and 1, got {findings}")
+    if findings > 0:  # recorded only when used: an export without findings keeps its bytes, synth.json included
+        if args["body_parts"] is not None and "chest" not in args["body_parts"]:
+            raise ConfigError("findings are drawn in the lungs of chest radiographs; add chest to --body-parts")
+        args["findings"] = float(findings)
     return args
 
 
@@ -550,7 +589,22 @@ class _Planner:
             patient_index += 1
         radiographs = [s for s in specs if s["kind"] == "radiograph"]
         extras = [self._hostile(kind, k, radiographs) for k, kind in enumerate(kinds)]
+        if "findings" in self.args:
+            self._findings([s for s in radiographs if s["part"] == "chest"])
         return specs + extras, self.phi
+
+    def _findings(self, chest: list[dict[str, Any]]) -> None:
+        """Give round(share x chest radiographs) of them a finding, drawn by a generator of their own so the
+        rest of the export is the one planned without findings."""
+        if not chest:
+            raise ConfigError(
+                f"findings need chest radiographs and none of the {self.args['n']} files is one; raise --n "
+                "(or use --body-parts chest)"
+            )
+        rng = np.random.default_rng([self.seed, 0xF1D1])
+        chosen = rng.choice(len(chest), size=round(self.args["findings"] * len(chest)), replace=False)
+        for k in sorted(int(i) for i in chosen):
+            chest[k]["finding"] = chest[k]["truth"]["finding"] = str(rng.choice(FINDINGS))
 
     def _patient(self, index: int, room: int) -> list[dict[str, Any]]:
         rng = self.rng
@@ -715,6 +769,25 @@ class _Planner:
         series_folder = f"SER{series_number:04d}" if rng.random() < 0.7 else f"S{series_number:03d}_{view}"
         rel = self.unique("/".join([patient["folder"], study["folder"], series_folder, filename]))
         field_mm = field_of_view(part, Body(study["age_days"] / 365.25, patient["sex"])) * rng.uniform(0.93, 1.07)
+        truth = {
+            "body_part": part,
+            "body_part_header": {"tag": "tag", "description": "description", "protocol": "description"}.get(mode),
+            "age_years": int(study["age_days"] // 365.25),
+            "age_header": {"age": "age", "age_only": "age", "dates": "dates"}.get(age_mode),
+            "sex": patient["sex"],
+            "sex_header": bool(sex_tag),
+            "view": view,
+            "view_header": view_tag is not None,
+            "laterality": laterality,
+            "laterality_header": bool(lat_tags),
+            "modality": study["modality"],
+            "manufacturer": study["vendor"][1] if study["vendor"] else None,
+            "patient_id": patient["PatientID"],
+            "study_uid": study["StudyInstanceUID"],
+            "sop_instance_uid": sop,
+        }
+        if "findings" in self.args:
+            truth["finding"] = None  # `_findings` picks the chest radiographs that get one
         return {
             "kind": kind,
             "rel": rel,
@@ -749,23 +822,8 @@ class _Planner:
                 "SeriesNumber": series_number,
                 "InstanceNumber": i + 1,
             },
-            "truth": {
-                "body_part": part,
-                "body_part_header": {"tag": "tag", "description": "description", "protocol": "description"}.get(mode),
-                "age_years": int(study["age_days"] // 365.25),
-                "age_header": {"age": "age", "age_only": "age", "dates": "dates"}.get(age_mode),
-                "sex": patient["sex"],
-                "sex_header": bool(sex_tag),
-                "view": view,
-                "view_header": view_tag is not None,
-                "laterality": laterality,
-                "laterality_header": bool(lat_tags),
-                "modality": study["modality"],
-                "manufacturer": study["vendor"][1] if study["vendor"] else None,
-                "patient_id": patient["PatientID"],
-                "study_uid": study["StudyInstanceUID"],
-                "sop_instance_uid": sop,
-            },
+            "finding": None,
+            "truth": truth,
         }
 
     def _study_header(self, study: dict[str, Any]) -> dict[str, Any]:
@@ -970,6 +1028,7 @@ def _write_image(root: Path, path: Path, spec: dict[str, Any]) -> dict[str, Any]
         if kind == "ct":
             ds, written = _ct_dataset(spec, rng)
         else:
+            finding = spec["finding"]
             image, masks = make_radiograph(
                 spec["part"],
                 spec["age_years"],
@@ -980,6 +1039,8 @@ def _write_image(root: Path, path: Path, spec: dict[str, Any]) -> dict[str, Any]
                 laterality=spec["laterality"],
                 field_mm=spec["field_mm"],
                 view=spec["view"],
+                finding=finding,
+                finding_rng=None if finding is None else np.random.default_rng([*spec["pixel_seed"], 0xF1D]),
             )
             if kind == "rgb":
                 ds, written = _rgb_dataset(spec, image, bits)

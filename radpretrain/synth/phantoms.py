@@ -33,6 +33,10 @@ MASK_STRUCTURES: dict[str, tuple[str, ...]] = {"chest": ("lungs", "heart"), "han
 #: Parts with a side (drawn as a right limb, mirrored for the left).
 SIDED: frozenset[str] = frozenset({"hand", "knee", "foot", "shoulder"})
 
+#: Lung findings a chest phantom can carry (`make_radiograph(..., finding=...)`); its mask is named "finding".
+FINDINGS: tuple[str, ...] = ("nodule", "consolidation")
+FINDING_MASK = "finding"
+
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel drawing keeps thin bones smooth at low working resolution
 _ONE = 1 << _SHIFT
 _WORK_LONG_SIDE = 384  # drawing resolution; the result is resized up and detector noise added there
@@ -105,6 +109,13 @@ class Canvas:
         x = pts[:, 0] * self._cos - pts[:, 1] * self._sin
         y = pts[:, 0] * self._sin + pts[:, 1] * self._cos
         return np.stack([self._cx + x * self.px_per_mm, self._cy + y * self.px_per_mm], axis=1)
+
+    def mm(self, points_px: np.ndarray) -> np.ndarray:
+        """The inverse of `px`: pixel positions (N, 2) back to millimetres in the patient's frame."""
+        pts = np.asarray(points_px, np.float64).reshape(-1, 2)
+        dx = (pts[:, 0] - self._cx) / self.px_per_mm
+        dy = (pts[:, 1] - self._cy) / self.px_per_mm
+        return np.stack([dx * self._cos + dy * self._sin, -dx * self._sin + dy * self._cos], axis=1)
 
     def _stamp(
         self,
@@ -403,6 +414,103 @@ def _vessel_tree(
                     rng,
                     depth - 1,
                 )
+
+
+# --- lung findings ------------------------------------------------------------------------------------------
+
+# Sizes in mm and densities in attenuation units. A nodule is a rounded opacity of up to 30 mm (larger is a
+# mass); below about 8 mm radiographs rarely show one. Its peak density grows with its diameter, as the chord
+# of tissue that replaces air does; per mm a solid nodule weighs about as much as the phantom's vessels.
+_NODULE_MM = (10.0, 30.0)
+_NODULE_PER_MM = (0.004, 0.006)
+# A consolidation fills a segment to a lobe (extent in mm, adult, before the lung's outline cuts it): fluid in
+# 60-90 % of the airspace along the beam, patchily, takes back most of the lungs' attenuation drop (0.24).
+_CONSOLIDATION_MM = (50.0, 110.0)
+_CONSOLIDATION_DENSITY = (0.14, 0.22)
+
+
+def draw_finding(c: Canvas, b: Body, kind: str, rng: np.random.Generator) -> None:
+    """Draw a lung finding of `kind` (`FINDINGS`) inside the lungs drawn so far (mask "lungs"), with its mask."""
+    if kind not in FINDINGS:
+        raise ValueError(f"unknown finding '{kind}'; known: {', '.join(FINDINGS)}")
+    if "lungs" not in c.masks or not c.masks["lungs"].any():
+        raise ValueError("a lung finding needs lungs: draw it on a chest phantom")
+    if kind == "nodule":
+        _nodule(c, rng)
+    else:
+        _consolidation(c, b, rng)
+
+
+def _lung_site(c: Canvas, radius_mm: float, rng: np.random.Generator) -> tuple[Point, float]:
+    """A random point in the lungs at least `radius_mm` inside their outline (the heart border and the image
+    edge included), and the radius that fits there: smaller where the lungs are too narrow (infants)."""
+    lungs = np.pad(c.masks["lungs"].astype(np.uint8), 1)  # the image edge counts as outside
+    # Less a pixel and a half: the drawn outline is antialiased and the site jittered by half a pixel.
+    depth_mm = (cv2.distanceTransform(lungs, cv2.DIST_L2, 3)[1:-1, 1:-1] - 1.5) / np.float32(c.px_per_mm)
+    radius = max(min(radius_mm, float(depth_mm.max())), 0.5 / c.px_per_mm)
+    rows, cols = np.nonzero(depth_mm >= min(radius, float(depth_mm.max())))
+    k = int(rng.integers(len(rows)))
+    x, y = c.mm(np.array([[cols[k], rows[k]]], np.float64) + rng.uniform(-0.5, 0.5, size=(1, 2)))[0]
+    return (float(x), float(y)), radius
+
+
+def _within(c: Canvas, layer: str, region: np.ndarray, draw: Callable[[], None], cap: float | None = None) -> None:
+    """Run `draw` (Canvas calls on `layer`) and keep what it added only inside `region`, capped at `cap`."""
+    target = c.layers[layer]
+    before = target.copy()
+    draw()
+    added = target - before
+    if cap is not None:
+        np.clip(added, -cap, cap, out=added)
+    target[:] = before + added * region.astype(np.float32)
+
+
+def _nodule(c: Canvas, rng: np.random.Generator) -> None:
+    """A solid pulmonary nodule: a projected sphere, densest at its centre, sometimes with a lobulated edge."""
+    diameter = float(rng.uniform(*_NODULE_MM))
+    centre, radius = _lung_site(c, diameter / 2, rng)
+    value = float(rng.uniform(*_NODULE_PER_MM)) * 2 * radius
+    angle = float(rng.uniform(0, 180))
+    axes = (radius, radius * float(rng.uniform(0.8, 1.0)))
+    c.ellipse(centre, axes, angle, 0.0, "organ", FINDING_MASK)
+    c.dome(centre, axes, angle, value, "organ")
+    for _ in range(int(rng.integers(0, 3))):  # lobules bulging from the edge
+        lobule = _along(centre, float(rng.uniform(0, 360)), radius * 0.6)
+        c.dome(lobule, (radius * 0.45, radius * 0.45), 0, value * 0.4, "organ")
+
+
+def _consolidation(c: Canvas, b: Body, rng: np.random.Generator) -> None:
+    """Airspace consolidation: confluent patchy opacities that stop at the lung's outline and the heart border,
+    crossed by air bronchograms (bronchi that stay dark inside the opacified lung)."""
+    extent = float(rng.uniform(*_CONSOLIDATION_MM)) * b.scale
+    centre, extent = _lung_site(c, extent * 0.5, rng)
+    extent *= 2
+    density = float(rng.uniform(*_CONSOLIDATION_DENSITY))
+    lungs = c.masks["lungs"]
+
+    def patches() -> None:
+        for _ in range(int(rng.integers(8, 15))):
+            dx, dy = rng.normal(0.0, extent * 0.35, size=2)
+            size = extent * float(rng.uniform(0.3, 0.55))
+            axes = (size, size * float(rng.uniform(0.6, 1.0)))
+            where = (centre[0] + float(dx), centre[1] + float(dy))
+            c.ellipse(where, axes, float(rng.uniform(0, 180)), density * 0.4, "organ", "_consolidation")
+
+    _within(c, "organ", lungs, patches, cap=density)
+    region = c.masks.pop("_consolidation") & lungs
+    c.masks[FINDING_MASK] = region
+
+    def bronchi() -> None:
+        for _ in range(int(rng.integers(2, 5))):
+            start = _along(centre, float(rng.uniform(0, 360)), extent * float(rng.uniform(0.0, 0.4)))
+            angle = float(rng.uniform(0, 360))
+            points = [start]
+            for _ in range(3):
+                angle += float(rng.normal(0, 15))
+                points.append(_along(points[-1], angle, extent * 0.3))
+            c.polyline(points, 2.5 * b.scale + 1.0, -density * 0.5, "vessel")
+
+    _within(c, "vessel", region, bronchi)
 
 
 def _vertebra(c: Canvas, b: Body, centre: Point, w: float, h: float, density: float = 0.3) -> None:
@@ -1063,8 +1171,10 @@ def render_attenuation(
     laterality: str | None = None,
     field_mm: float | None = None,
     view: str | None = None,
+    finding: str | None = None,
+    finding_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
-    """Draw one phantom at working resolution.
+    """Draw one phantom at working resolution (with a lung finding of `finding`'s kind, drawn from `finding_rng`).
 
     Returns:
         attenuation (float32, about 0..1.5, higher = more attenuation), boolean masks at working resolution,
@@ -1091,6 +1201,9 @@ def render_attenuation(
         _LATERALS[body_part](canvas, body, rng)
     else:
         _PARTS[body_part](canvas, body, rng)
+    if finding is not None:
+        # Its own generator: the rest of the image is then the one drawn without the finding.
+        draw_finding(canvas, body, finding, rng if finding_rng is None else finding_rng)
     att = canvas.render(mm_per_px)
     # Trabecular texture: low-amplitude band-passed noise modulating bone only.
     texture: np.ndarray = cv2.GaussianBlur(
@@ -1158,6 +1271,8 @@ def make_radiograph(
     collimate: bool | None = None,
     field_mm: float | None = None,
     view: str | None = None,
+    finding: str | None = None,
+    finding_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One synthetic radiograph as stored MONOCHROME2 values (higher = more attenuation).
 
@@ -1173,10 +1288,15 @@ def make_radiograph(
         view: "LAT" draws a lateral projection where `VIEWS` allows it; anything else a frontal one.
         field_mm: long side of the field of view in mm (pixel spacing = field_mm / long side); None draws a
             typical one for the body part and age.
+        finding: a lung finding of `FINDINGS` ("nodule", "consolidation") to draw inside the lungs (chest only),
+            before blur, detector response and noise like the rest of the anatomy.
+        finding_rng: draws the finding's size, density and place (default `rng`); a generator of its own leaves
+            every other pixel as it is without the finding, before noise.
 
     Returns:
         (uint16 image of shape (rows, cols), {structure: uint8 mask 0/255 of the same shape}); masks for
-        the structures in `MASK_STRUCTURES` (e.g. "lungs" and "heart" for the chest, "bones" for the hand).
+        the structures in `MASK_STRUCTURES` (e.g. "lungs" and "heart" for the chest, "bones" for the hand),
+        plus `FINDING_MASK` ("finding") with a finding.
     """
     if body_part not in _PARTS:
         raise ValueError(f"unknown body part '{body_part}'; known: {', '.join(BODY_PARTS)}")
@@ -1185,8 +1305,19 @@ def make_radiograph(
     shape = default_shape(body_part, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if min(shape) < 8:
         raise ValueError(f"image size must be at least 8 pixels per side, got {shape}")
+    if finding is not None and body_part != "chest":
+        raise ValueError(f"lung findings are drawn on chest radiographs, not on '{body_part}'")
     att, masks, _ = render_attenuation(
-        body_part, age, sex, shape, rng, laterality=laterality, field_mm=field_mm, view=view
+        body_part,
+        age,
+        sex,
+        shape,
+        rng,
+        laterality=laterality,
+        field_mm=field_mm,
+        view=view,
+        finding=finding,
+        finding_rng=finding_rng,
     )
     if collimate is None:
         collimate = body_part in SIDED and rng.random() < 0.5
@@ -1215,7 +1346,7 @@ def make_radiograph(
     np.maximum(image, np.float32(0.0), out=image)
     out = image.astype(np.uint16)
     full_masks: dict[str, np.ndarray] = {}
-    for name in MASK_STRUCTURES.get(body_part, ()):
+    for name in (*MASK_STRUCTURES.get(body_part, ()), *((FINDING_MASK,) if finding is not None else ())):
         m: np.ndarray = masks.get(name, np.zeros(att.shape, bool)).astype(np.float32)
         if m.shape != shape:
             m = cv2.resize(m, (cols, rows), interpolation=cv2.INTER_LINEAR)
